@@ -1,0 +1,401 @@
+"""Tests of data.py: the Real-IAD loader on a tree written here, the synthetic dataset, pseudo-anomalies."""
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import data
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = (48, 40)  # written images are not square: the loader resizes the shorter side and crops
+
+
+# ----------------------------------------------------------------------------------------------------
+# A Real-IAD-shaped tree
+
+
+def _image(path, camera):
+    """A flat image whose red channel encodes the camera number (40 * n), to check the view order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", SIZE, (40 * camera, 100, 200)).save(path, quality=95)
+
+
+def _mask(path, box):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mask = Image.new("L", SIZE, 0)
+    if box:
+        ImageDraw.Draw(mask).rectangle(box, fill=255)
+    mask.save(path)
+
+
+def _sample(base, category, number, code=None, views=(), sep="_"):
+    """Write one sample; `views` maps camera number -> (anomaly class, mask box or None, has mask path).
+    Returns its JSON entries (cameras missing from `views` are left out when it is not empty)."""
+    entries = []
+    for cam in range(1, 6):
+        if code is None:
+            name = f"OK/S{number:04d}/{category}_{number:04d}_OK_C{cam}_2023091215114{cam}"
+            cls, box, has_mask = "OK", None, False
+        else:
+            if cam not in views:
+                continue
+            name = f"NG/{code}/S{number:04d}/{category}{sep}{number:04d}_NG_{code}_C{cam}_2023102111153{cam}"
+            cls, box, has_mask = views[cam]
+        _image(base / f"{name}.jpg", cam)
+        if has_mask:
+            _mask(base / f"{name}.png", box)
+        entries.append({"category": category, "anomaly_class": cls, "image_path": f"{name}.jpg",
+                        "mask_path": f"{name}.png" if has_mask else None})
+    return entries
+
+
+def _json(path, category, train, test):
+    random.Random(0).shuffle(train)  # the JSON order must not matter
+    random.Random(1).shuffle(test)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": {"prefix": f"{category}/", "normal_class": "OK"},
+                                "train": train, "test": test}))
+
+
+LEFT_HALF = (0, 0, 23, 39)
+ALL_VIEWS = {cam: ("OK", None, False) for cam in range(1, 6)}
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """audiojack: nested JSON, category inside an extra folder of its own name, double-underscore NG
+    names; zipper: flat JSON, category inside an extra wrapping folder."""
+    root = tmp_path / "Real-IAD"
+    base = root / "realiad_256" / "audiojack" / "audiojack"
+    train = _sample(base, "audiojack", 1) + _sample(base, "audiojack", 2)
+    train += [e for e in _sample(base, "audiojack", 3) if "_C3_" not in e["image_path"]]  # a view lost
+    defect = {1: ("HS", LEFT_HALF, True),  # shows the defect
+              2: ("HS", (30, 0, 47, 39), True),  # shows it on the right
+              3: ("OK", None, False),  # the release's form for a view that does not show it
+              4: ("HS", None, False),  # the other form: defect class without a mask
+              5: ("HS", None, True)}  # a defect class with an empty mask
+    test = _sample(base, "audiojack", 4) + _sample(base, "audiojack", 64, "HS", defect, sep="__")
+    _json(root / "realiad_jsons" / "realiad_jsons" / "audiojack.json", "audiojack", train, test)
+    zbase = root / "realiad_256" / "release" / "zipper"
+    _json(root / "realiad_jsons" / "zipper.json", "zipper", _sample(zbase, "zipper", 1),
+          _sample(zbase, "zipper", 7, "QS", {c: ("QS", LEFT_HALF, True) for c in range(1, 6)}))
+    return root
+
+
+def test_real_iad_tree_loads_samples_labels_masks_and_view_order(tree):
+    with pytest.warns(UserWarning, match=r"left out 1 train samples .* \(first: audiojack_0003_OK\)"):
+        train = data.RealIAD(tree, "audiojack", "train", image_size=32)
+    assert [key for _, key, _ in train.samples] == ["audiojack_0001_OK", "audiojack_0002_OK"]
+    item = train[0]
+    assert item["images"].shape == (5, 3, 32, 32) and item["masks"].shape == (5, 1, 32, 32)
+    red = data.denormalize(item["images"])[:, 0].mean((1, 2)) * 255  # (V,)
+    torch.testing.assert_close(red, torch.tensor([40.0, 80, 120, 160, 200]), atol=4, rtol=0)
+    assert item["label"] == 0 and item["view_labels"].tolist() == [0] * 5
+    assert [Path(p).name.split("_")[3] for p in item["paths"]] == list(data.CAMERAS)
+
+    test = data.RealIAD(tree, "audiojack", "test", image_size=32)
+    assert [key for _, key, _ in test.samples] == ["audiojack_0004_OK", "audiojack__0064_NG_HS"]
+    normal, defective = test[0], test[1]
+    assert normal["label"] == 0 and normal["masks"].sum() == 0
+    assert defective["sample_id"] == "audiojack__0064_NG_HS" and defective["category"] == "audiojack"
+    assert defective["label"] == 1 and defective["view_labels"].tolist() == [1, 1, 0, 0, 0]
+    masks = defective["masks"][:, 0]  # 48x40 -> 38x32 (nearest) -> centre crop 32x32 (3 px off the left)
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert masks[0, :, :15].min() == 1 and masks[0, :, 17:].max() == 0  # left half
+    assert masks[1, :, 25:].min() == 1 and masks[1, :, :20].max() == 0  # right part
+    assert masks[2:].sum() == 0
+
+
+def test_real_iad_category_list_and_all(tree):
+    both = data.RealIAD(tree, ["audiojack", "zipper"], "test", image_size=32)
+    assert both.categories == ["audiojack", "zipper"] and len(both) == 3
+    zipper = [both[i] for i in range(3) if both[i]["category"] == "zipper"][0]
+    assert zipper["view_labels"].tolist() == [1] * 5
+    assert data.RealIAD(tree, "all", "test", image_size=32).categories == ["audiojack", "zipper"]
+
+
+def test_resolution_folder_choice(tmp_path):
+    for res in ("256", "512", "raw"):
+        (tmp_path / f"realiad_{res}").mkdir()
+    assert data._resolution_dir(tmp_path, 256, None).name == "realiad_256"
+    assert data._resolution_dir(tmp_path, 300, None).name == "realiad_512"
+    assert data._resolution_dir(tmp_path, 600, None).name == "realiad_raw"
+    assert data._resolution_dir(tmp_path, 128, 512).name == "realiad_512"
+    with pytest.raises(data.UserError, match=r"realiad_1024 \(present: realiad_256, realiad_512, "
+                                             r"realiad_raw\); extract that resolution"):
+        data._resolution_dir(tmp_path, 256, 1024)
+
+
+def test_load_image_resizes_shorter_side_and_crops(tmp_path):
+    path = tmp_path / "wide.png"
+    pixels = np.zeros((40, 80, 3), np.uint8)
+    pixels[:, 40:] = 255  # right half white
+    Image.fromarray(pixels).save(path)
+    image = data.load_image(path, 20)
+    assert image.shape == (3, 20, 20)
+    assert image[:, :, :8].max() < 0.05 and image[:, :, 12:].min() > 0.95
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one clear line each
+
+
+def test_missing_root(tmp_path):
+    with pytest.raises(data.UserError, match=r"Real-IAD root .*nowhere does not exist; pass the folder"):
+        data.RealIAD(tmp_path / "nowhere", "zipper", "train")
+
+
+def test_missing_json_names_expected_paths_and_available(tree):
+    with pytest.raises(data.UserError) as error:
+        data.RealIAD(tree, "pcb", "train")
+    message = str(error.value)
+    assert "no Real-IAD JSON for category 'pcb'" in message and "\n" not in message
+    assert str(tree / "realiad_jsons" / "pcb.json") in message
+    assert str(tree / "realiad_jsons" / "realiad_jsons" / "pcb.json") in message
+    assert "(categories available there: audiojack, zipper)" in message
+
+
+def test_unknown_category_lists_valid_ones(tree):
+    with pytest.raises(data.UserError, match=r"unknown category 'zipperr'; valid categories: audiojack, "
+                                             r"bottle_cap, .*, zipper, or 'all'"):
+        data.RealIAD(tree, "zipperr", "train")
+
+
+def test_json_entry_with_missing_keys(tree):
+    path = tree / "realiad_jsons" / "zipper.json"
+    content = json.loads(path.read_text())
+    del content["train"][2]["mask_path"]
+    path.write_text(json.dumps(content))
+    with pytest.raises(data.UserError, match=r"zipper\.json: train entry 2 lacks mask_path; every entry "
+                                             r"needs category, anomaly_class, image_path, mask_path"):
+        data.RealIAD(tree, "zipper", "train")
+
+
+def test_missing_image_names_the_file(tree):
+    path = next((tree / "realiad_256" / "release" / "zipper" / "OK").rglob("*_C4_*.jpg"))
+    path.unlink()
+    with pytest.raises(data.UserError, match=rf"{path.name} \(listed in .*zipper\.json\) does not exist"):
+        data.RealIAD(tree, "zipper", "train")
+
+
+def test_truncated_image_names_the_file(tree):
+    path = next((tree / "realiad_256" / "release" / "zipper" / "OK").rglob("*_C2_*.jpg"))
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    dataset = data.RealIAD(tree, "zipper", "train", image_size=32)
+    with pytest.raises(data.UserError) as error:
+        dataset[0]
+    message = str(error.value)
+    assert message.startswith(f"cannot read {path} (") and "extract it again" in message
+    assert "\n" not in message
+
+
+def test_cli_bad_input_prints_one_line_and_exits_2(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "data.py"), "synth", "--out", str(tmp_path),
+                          "--category", "zipperr"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: unknown category 'zipperr'; valid categories: audiojack")
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr and run.stdout == ""
+
+
+# ----------------------------------------------------------------------------------------------------
+# The synthetic dataset
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_synthetic_is_deterministic_per_seed(tmp_path):
+    sizes = dict(n_train=2, n_test_normal=1, n_test_defect=2, resolution=64)
+    first = _files(data.synthesize(tmp_path / "a", "zipper", seed=3, **sizes))
+    assert first == _files(data.synthesize(tmp_path / "b", "zipper", seed=3, **sizes))
+    other = _files(data.synthesize(tmp_path / "c", "zipper", seed=4, **sizes))
+    images = [name for name in first if name.suffix == ".jpg"]
+    assert len(images) == 25 and all(first[name] != other[name] for name in images)
+
+
+def test_synthetic_sample_does_not_depend_on_the_other_sizes(tmp_path):
+    full = data.RealIAD(data.synthesize(tmp_path / "a", "toy_brick", 2, 1, 2, resolution=64), "toy_brick",
+                        "test", image_size=64)
+    defects_only = data.RealIAD(data.synthesize(tmp_path / "b", "toy_brick", 0, 0, 2, resolution=64),
+                                "toy_brick", "test", image_size=64)
+    ng = [full[i] for i in range(len(full)) if "_NG_" in full[i]["sample_id"]]
+    assert len(ng) == len(defects_only) == 2
+    for a, b in zip(ng, (defects_only[0], defects_only[1])):
+        torch.testing.assert_close(a["images"], b["images"])
+        torch.testing.assert_close(a["masks"], b["masks"])
+
+
+def test_synthetic_splits_shapes_and_labels(tmp_path):
+    root = data.synthesize(tmp_path, "audiojack", n_train=3, n_test_normal=2, n_test_defect=5, resolution=64)
+    content = json.loads((root / "realiad_jsons" / "audiojack.json").read_text())
+    assert all(e["anomaly_class"] == "OK" and e["image_path"].startswith("OK/") for e in content["train"])
+    assert any("audiojack__" in e["image_path"] for e in content["test"])  # the release's quirk
+    train = data.RealIAD(root, "audiojack", "train", image_size=64)
+    assert len(train) == 3 and all(train[i]["label"] == 0 for i in range(3))
+    test = data.RealIAD(root, "audiojack", "test", image_size=64)
+    assert len(test) == 7
+    for i in range(len(test)):
+        item = test[i]
+        assert item["images"].shape == (5, 3, 64, 64) and item["masks"].shape == (5, 1, 64, 64)
+        shown = item["masks"].flatten(1).sum(1)  # (V,) mask pixels per view
+        assert ((shown > 0).long() == item["view_labels"]).all()
+        assert item["label"] == ("_NG_" in item["sample_id"])  # every defect is shown by some camera
+        assert ((shown == 0) | (shown >= data.MIN_VISIBLE * 64 * 64)).all()  # no slivers
+
+
+def test_every_category_has_its_own_object():
+    footprints = {}
+    for category in data.CATEGORIES:
+        maps = data.object_maps(category, 32)  # (5, 32, 32) height, albedo, shine
+        assert maps.shape == (5, 32, 32)
+        footprints[category] = maps[0] > 0.02
+        assert 0.05 < footprints[category].float().mean() < 0.8, category
+    assert len({tuple(f.flatten().tolist()) for f in footprints.values()}) > 20  # shapes differ
+
+
+@pytest.fixture(scope="module")
+def default_defects(tmp_path_factory):
+    """The 30 defective test samples of the default zipper split (identical to those written with the
+    default sizes, since a sample's randomness depends only on its role and index)."""
+    return data.synthesize(tmp_path_factory.mktemp("default"), "zipper", n_train=0, n_test_normal=0)
+
+
+def test_default_split_visibility_statistics(default_defects):
+    counts = data.visibility_stats(default_defects, "zipper")
+    assert sum(counts) == 30 and counts[0] == 0
+    assert sum(counts[1:5]) >= 0.3 * 30  # seen by only 1 to 4 of the 5 cameras
+    assert counts[5] >= 0.3 * 30  # and many by all of them
+
+
+def test_defects_on_side_faces_are_seen_by_few_cameras(tmp_path):
+    counts = data.visibility_stats(data.synthesize(tmp_path, "eraser", 0, 0, 20, resolution=64), "eraser")
+    assert sum(counts) == 20 and counts[1] + counts[2] >= 4  # a box's side face: one or two cameras
+
+
+def test_default_defects_are_sizeable_where_visible(default_defects):
+    base = default_defects / "realiad_256" / "zipper"
+    entries = json.loads((default_defects / "realiad_jsons" / "zipper.json").read_text())["test"]
+    shown = torch.stack([data.load_mask(base / e["mask_path"], 256).mean()
+                         for e in entries if e["mask_path"]])  # (views that show a defect,)
+    assert shown.min() >= data.MIN_VISIBLE and shown.median() > 0.004  # not single pixels
+
+
+def test_synthetic_root_generates_once(tmp_path, monkeypatch):
+    sizes = dict(n_train=1, n_test_normal=1, n_test_defect=1, resolution=64)
+    root = data.synthetic_root("eraser", cache_dir=tmp_path, **sizes)
+    assert root.parent == tmp_path and (root / "realiad_jsons" / "eraser.json").is_file()
+    assert len(data.RealIAD(root, "eraser", "test", image_size=64)) == 2
+    both = data.synthetic_root(["mint", "eraser"], cache_dir=tmp_path, **sizes)  # one root for a list
+    assert data.RealIAD(both, "all", "train", image_size=64).categories == ["eraser", "mint"]
+    monkeypatch.setattr(data, "synthesize", lambda *args, **kwargs: pytest.fail("generated again"))
+    assert data.synthetic_root("eraser", cache_dir=tmp_path, **sizes) == root
+    assert data.synthetic_root(["eraser", "mint"], cache_dir=tmp_path, **sizes) == both
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([root.name, both.name])  # no staging left
+
+
+def test_synthetic_root_unknown_category_leaves_nothing(tmp_path):
+    with pytest.raises(data.UserError, match=r"unknown category 'zipperr'; valid categories: audiojack"):
+        data.synthetic_root(["zipper", "zipperr"], cache_dir=tmp_path, n_train=1, n_test_normal=0,
+                            n_test_defect=0, resolution=64)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_synth_writes_and_prints_statistics(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "data.py"), "synth", "--out", str(tmp_path),
+                          "--category", "pcb", "--n-train", "1", "--n-test-normal", "0",
+                          "--n-test-defect", "2", "--resolution", "64"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith(f"wrote 3 samples of pcb to {tmp_path} in ")
+    assert lines[1].startswith("defective test samples by number of views that show the defect: 0: 0, 1:")
+    assert lines[2].startswith("seen by only 1 to 4 of the 5 views: ")
+    assert (tmp_path / "realiad_jsons" / "pcb.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pseudo-anomalies
+
+
+def test_perlin_noise_shape_range_and_determinism():
+    noise = data.perlin_noise(64, 48, (4, 8), angle=0.3, generator=torch.Generator().manual_seed(0))
+    assert noise.shape == (64, 48) and noise.abs().max() <= 1 and noise.std() > 0.15
+    again = data.perlin_noise(64, 48, (4, 8), angle=0.3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(noise, again)
+    gradients = data._gradients(4, torch.Generator().manual_seed(0))
+    y, x = torch.meshgrid(torch.arange(-3.0, 6), torch.arange(-3.0, 6), indexing="ij")
+    assert data._perlin(y, x, gradients).abs().max() < 1e-6  # zero at every lattice point
+    torch.testing.assert_close(data._perlin(y + 0.3, x + 0.6, gradients),
+                               data._perlin(y + 4.3, x - 3.4, gradients))  # repeats every 4 cells
+
+
+def test_perlin_mask_coverage():
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.stack([data.perlin_mask(64, 64, generator) for _ in range(100)])
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    coverage = masks.mean((1, 2))
+    assert 0.02 < coverage.mean() < 0.3 and coverage.max() < 0.7
+    assert (coverage > 0).float().mean() > 0.5  # most masks mark something
+
+
+def test_blend_anomaly_formula():
+    generator = torch.Generator().manual_seed(0)
+    image, texture = torch.rand(3, 8, 8, generator=generator), torch.rand(3, 8, 8, generator=generator)
+    mask = (torch.rand(8, 8, generator=generator) > 0.5).float()
+    out = data.blend_anomaly(image, texture, mask, 0.3)
+    expected = torch.where(mask.bool(), 0.7 * texture + 0.3 * image, image)
+    torch.testing.assert_close(out, expected)
+
+
+class _Views(torch.utils.data.Dataset):
+    """Six samples of 5 random views, like RealIAD items."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, index):
+        images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(index))
+        return {"images": data.normalize(images), "sample_id": str(index)}
+
+
+def test_pseudo_anomalies_shapes_masks_and_determinism():
+    dataset = data.PseudoAnomalies(_Views(), seed=1)
+    item = dataset[2]
+    assert item["sample_id"] == "2" and item["corrupted"].shape == (5, 3, 32, 32)
+    assert item["pseudo_masks"].shape == (5, 1, 32, 32)
+    torch.testing.assert_close(dataset[2]["corrupted"], item["corrupted"])
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[2]["corrupted"], item["corrupted"])
+
+    corrupted_views, total = 0, 0
+    for index in range(len(dataset)):
+        item = dataset[index]
+        masks = item["pseudo_masks"]
+        outside = (masks == 0).expand_as(item["images"])
+        torch.testing.assert_close(item["corrupted"][outside], item["images"][outside])  # only in the mask
+        changed = (item["corrupted"] - item["images"]).abs().amax(1, keepdim=True) > 1e-4
+        assert not (changed & (masks == 0)).any()
+        corrupted_views += int((masks.flatten(1).sum(1) > 0).sum())
+        total += 5
+    assert 0.2 < corrupted_views / total < 0.8  # some views stay clean
+
+
+def test_pseudo_anomalies_with_texture_folder(tmp_path):
+    with pytest.raises(data.UserError, match=r"texture folder .*missing does not exist; pass the DTD"):
+        data.PseudoAnomalies(_Views(), dtd_root=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.UserError, match=r"no images \(\.jpg, \.png\) under texture folder"):
+        data.PseudoAnomalies(_Views(), dtd_root=tmp_path / "empty")
+    Image.new("RGB", (20, 30), (255, 0, 0)).save(tmp_path / "red.jpg")
+    dataset = data.PseudoAnomalies(_Views(), dtd_root=tmp_path)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert all(item["corrupted"].shape == (5, 3, 32, 32) for item in items)
