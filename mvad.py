@@ -1,0 +1,714 @@
+"""MVAD: multi-view anomaly detection with Multi-View Adaptive Selection (MVAS), in plain PyTorch.
+
+Paper: H. He, J. Zhang, G. Tian, C. Wang, L. Xie, "Learning Multi-view Anomaly Detection with
+Efficient Adaptive Selection", IEEE TMM (arXiv 2407.11935). Official code: lewandofskee/MVAD (built
+on ADer). Where the paper and the code differ we follow the code and say so at the line.
+
+The model is RD4AD-style reverse distillation with MVAS inserted before the bottleneck:
+
+    images (B, V, 3, H, W) -> frozen ResNet34, stages 1-3 (the teacher): 64@H/4, 128@H/8, 256@H/16
+      -> per scale, MVAS blocks: every view in turn is the query, the other views' raw features
+         are the keys/values, each query window attends only to its top-k windows of the other views
+      -> OCBE bottleneck (512@H/32) -> de-ResNet34 decoder (the student): the three teacher scales
+    loss        = 5 * sum over scales of MSE(teacher, student)
+    anomaly map = sum over scales of (1 - cosine(teacher, student)) upsampled, / 9, Gaussian sigma 4;
+    image score = max of its map, sample score = max over its views (eval.py)
+
+Shape legend: B samples, V views per sample, N images (B*V) or query views in MVAS, C channels,
+H, W height and width, a = n_win windows per side (a*a windows: the paper's a^2), T tokens per
+window, k top-k windows, m heads, d = C / m channels per head, S scales.
+
+Run: `python train.py --method mvad --category zipper`; tests: `python -m pytest tests/test_mvad.py`.
+
+Choices where the paper is silent, and our extensions:
+- Missing views (`view_mask`, our extension): the windows of a missing view get routing logit -inf,
+  so they are never selected while k windows of present views exist; if fewer remain, the selected
+  windows of missing views are masked out of the attention; with no other view present the MVAS
+  output is zero (the block then reduces to its norms and MLP). A missing view therefore has no
+  influence on the present views. Maps of missing views are returned as zeros.
+- top-k is clamped to the number of candidate windows (the official code fails when k exceeds it).
+- Encoder: torchvision's ResNet34 (IMAGENET1K_V1) stands in for timm's `resnet34.bt_in1k`. Without
+  the ImageNet file (offline) `weights="auto"` falls back to a random-init encoder whose BatchNorm
+  statistics are re-estimated once on the training images (REFERENCE section 6: sample AUROC 0.78
+  uncalibrated vs 0.98 calibrated).
+- The positional embedding is computed for the actual feature size (the official code hard-codes
+  64/32/16, i.e. 256 px inputs), so small images work in tests.
+- `backbone="wide_resnet50_2"`: the fusion widens with the encoder (channels 256/512/1024) and the
+  decoder mirrors it with RD4AD's de-bottleneck blocks (de-WideResNet50-2), as RD4AD does.
+"""
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.resnet import Bottleneck
+
+from data import UserError
+
+# ----------------------------------------------------------------------------- MVAS, pure functions
+
+
+def window_partition(x: torch.Tensor, n_win: int) -> torch.Tensor:
+    """Zero-pads H and W at the bottom/right to a multiple of n_win and cuts n_win x n_win windows.
+
+    Args:
+        x: (..., H, W, C) feature map(s), channels last.
+        n_win: a, the number of windows per side (not the window size).
+    Returns:
+        (..., a*a, T, C) with T = ceil(H/a) * ceil(W/a); windows row-major, tokens inside a window
+        row-major (the official order).
+    """
+    *lead, H, W, C = x.shape
+    pad_h, pad_w = -H % n_win, -W % n_win
+    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (..., Hp, Wp, C), zeros at the bottom/right
+    th, tw = (H + pad_h) // n_win, (W + pad_w) // n_win  # window height and width in tokens
+    x = x.reshape(*lead, n_win, th, n_win, tw, C).transpose(-4, -3)  # (..., a, a, th, tw, C)
+    return x.reshape(*lead, n_win * n_win, th * tw, C)  # (..., a*a, T, C)
+
+
+def window_unpartition(windows: torch.Tensor, n_win: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of `window_partition`: stitches the windows back and crops the padding.
+
+    Args:
+        windows: (..., a*a, T, C) from `window_partition` of an (..., h, w, C) map.
+        n_win: a, windows per side.
+        h, w: the size before padding.
+    Returns:
+        (..., h, w, C).
+    """
+    *lead, _, _, C = windows.shape
+    th, tw = -(-h // n_win), -(-w // n_win)  # ceil: window height and width in tokens
+    x = windows.reshape(*lead, n_win, n_win, th, tw, C).transpose(-4, -3)  # (..., a, th, a, tw, C)
+    x = x.reshape(*lead, n_win * th, n_win * tw, C)  # (..., Hp, Wp, C)
+    return x[..., :h, :w, :]  # (..., h, w, C)
+
+
+def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: int,
+                   num_heads: int = 8, view_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-View Adaptive Selection: each window of the query view attends to the tokens of the
+    top-k most correlated windows among all windows of the other views. No learnable parameters.
+
+    Args:
+        query: (N, H, W, C) the query view's features plus the positional embedding.
+        others: (N, V-1, H, W, C) the other views' raw features (keys = values, no projections).
+        n_win: a, windows per side; H and W are zero-padded to a multiple of it.
+        topk: k, windows selected per query window, over the windows of all other views together
+            (clamped to the number of candidate windows).
+        num_heads: m; channels are split head-major (head i gets channels i*d .. (i+1)*d - 1).
+        view_mask: optional (N, V-1) bool, True = that other view is present (our extension:
+            windows of missing views are never selected and never attended to; a query with no
+            present other view gets a zero output).
+    Returns:
+        (N, H, W, C) the attention output (no output projection).
+    """
+    N, H, W, C = query.shape
+    n_other = others.shape[1]
+    # the official code scales by C^-0.5 with the FULL channel dim, for the routing and for every
+    # head (standard multi-head attention would use d^-0.5); we follow the code
+    scale = C ** -0.5
+
+    # STEP 1: neighbourhood attention windows, X -> X_a (v, a^2, hw/a^2, c); zero padding included
+    q = window_partition(query, n_win)  # (N, a*a, T, C)
+    kv = window_partition(others, n_win).flatten(1, 2)  # (N, (V-1)*a*a, T, C), view-major
+    _, A, T, _ = q.shape
+
+    # STEP 2: routing, A_c = A_s (A_m)^T on mean-pooled windows (padded zeros count in the mean);
+    # the pooled features are detached: the routing is an index choice, not a learned path
+    q_win = q.detach().mean(dim=2)  # (N, A, C)
+    kv_win = kv.detach().mean(dim=2)  # (N, (V-1)*A, C)
+    logits = (q_win * scale) @ kv_win.transpose(1, 2)  # (N, A, (V-1)*A)
+    if view_mask is not None:
+        present = view_mask.repeat_interleave(A, dim=1)  # (N, (V-1)*A) per candidate window
+        logits = logits.masked_fill(~present[:, None, :], float("-inf"))
+    k = min(topk, n_other * A)
+    # I_m^K = TopK_Index(A_c); the official code computes softmax routing weights too but never
+    # uses them, so they are left out
+    index = logits.topk(k, dim=-1).indices  # (N, A, k)
+
+    # STEP 3: gather the selected windows' raw tokens: K_m^K = V_m^K
+    gather_index = index.reshape(N, A * k, 1, 1).expand(-1, -1, T, C)
+    selected = torch.gather(kv, 1, gather_index).reshape(N, A, k * T, C)  # (N, A, k*T, C)
+
+    # STEP 4: X_s^o = Attention(Q_s, K_m^K, V_m^K) per window, m heads, no projections,
+    # padded zero tokens are not masked (as in the official code)
+    d = C // num_heads
+    q = q.reshape(N, A, T, num_heads, d).transpose(2, 3)  # (N, A, m, T, d)
+    kv = selected.reshape(N, A, k * T, num_heads, d).transpose(2, 3)  # (N, A, m, k*T, d)
+    attn = (q * scale) @ kv.transpose(-2, -1)  # (N, A, m, T, k*T)
+    if view_mask is None:
+        attn = attn.softmax(dim=-1)
+    else:
+        # windows of missing views can only be selected when fewer than k present ones exist:
+        # mask their tokens; a window with nothing valid keeps finite logits, then is zeroed
+        valid = torch.gather(present, 1, index.flatten(1)).reshape(N, A, 1, 1, k)
+        valid = valid.repeat_interleave(T, dim=-1)  # (N, A, 1, 1, k*T)
+        keep = valid | ~valid.any(dim=-1, keepdim=True)
+        attn = attn.masked_fill(~keep, float("-inf")).softmax(dim=-1) * valid
+    out = attn @ kv  # (N, A, m, T, d)
+
+    # STEP 5: un-window to Y_s^o (h, w, c) and crop the padding
+    out = out.transpose(2, 3).reshape(N, A, T, C)  # (N, A, T, C)
+    return window_unpartition(out, n_win, H, W)  # (N, H, W, C)
+
+
+def full_cross_attention(query: torch.Tensor, others: torch.Tensor, num_heads: int = 8) -> torch.Tensor:
+    """Dense baseline: every query token attends to every token of all other views, with the same
+    scaling (full C), heads and (absent) projections as `mvas_attention`.
+
+    Args:
+        query: (N, H, W, C) the query view (plus positional embedding).
+        others: (N, V-1, H, W, C) the other views' raw features.
+        num_heads: m.
+    Returns:
+        (N, H, W, C).
+    """
+    N, H, W, C = query.shape
+    d = C // num_heads
+    q = query.reshape(N, H * W, num_heads, d).transpose(1, 2)  # (N, m, H*W, d)
+    kv = others.reshape(N, -1, num_heads, d).transpose(1, 2)  # (N, m, (V-1)*H*W, d)
+    attn = ((q * C ** -0.5) @ kv.transpose(-2, -1)).softmax(dim=-1)  # (N, m, H*W, (V-1)*H*W)
+    out = attn @ kv  # (N, m, H*W, d)
+    return out.transpose(1, 2).reshape(N, H, W, C)
+
+
+# ----------------------------------------------------------------------------- FLOP accounting
+
+
+def mvas_flops(h: int, w: int, c: int, n_other: int, n_win: int, topk: int) -> int:
+    """Exact FLOPs of one `mvas_attention` call for one query view, as FlopCounterMode counts them
+    (a matmul (m x n) @ (n x p) is 2*m*n*p; elementwise ops and softmax are not counted).
+
+    With v = n_other, a = n_win, k = topk (clamped to v*a^2) and T = ceil(h/a) * ceil(w/a) tokens
+    per (padded) window:
+        routing   (a^2 x c) @ (c x v a^2)                 2 v a^4 c
+        Q K^T     a^2 windows x (T x c) @ (c x k T)       2 a^2 k T^2 c
+        A V       a^2 windows x (T x k T) @ (k T x c)     2 a^2 k T^2 c
+    Without padding T = hw/a^2, so the total is 2 v a^4 c + 4 k c (hw)^2 / a^2.
+
+    Where the seminar's printed derivation (`seminar_flops_mvas`) differs from this count:
+    1. Its attention term 2 (hw/a^2)(k hw/a^2) c is the cost of ONE window (T query tokens times
+       kT keys, for QK^T and AV in multiply-adds). There are a^2 windows, so the real term is
+       2 a^2 T kT c = 2 k (hw)^2 c / a^2 multiply-adds: /a^2, not /a^4.
+    2. Its routing terms 2 v a^4 c + v a^4 c = 3 v a^4 c become 2 c v a^4 on the next line; the
+       routing matmul is v a^4 c multiply-adds (= 2 v a^4 c FLOPs).
+    3. Units: the deck mixes multiply-adds with FLOPs and counts the softmax (the v (hw)^2 term of
+       the cross-attention); FlopCounterMode counts 2 per multiply-add and no softmax.
+    4. It ignores the padding to a multiple of a: the attention grows with (padded area)^2, and
+       64 -> 70 at the official scale 0 makes it (70/64)^4 = 1.43x the unpadded count.
+    Real growth with hw (FLOPs, no padding):
+    - fixed window size (T fixed, a^2 = hw/T): the attention 4 k c T hw is linear, but the
+      routing 2 v c (hw)^2 / T^2 is quadratic, so MVAS is O((hw)^2); it looks linear only while
+      the attention dominates, i.e. below hw = 2 k T^3 / v (31,250 tokens, about 177 x 177, for
+      5 x 5 windows and v = k = 4).
+    - fixed n_win (what the official code does per scale): T = hw/a^2 grows and the attention
+      4 k c (hw)^2 / a^2 is quadratic, a constant v a^2 / k (196 at scale 0) below dense.
+    - best n_win for each hw: minimising f(A) = 2 v c A^2 + 4 k c (hw)^2 / A over A = a^2 gives
+      A^3 = (k/v)(hw)^2, i.e. a^2 = (k/v)^(1/3) (hw)^(2/3), and f = 6 c v^(1/3) k^(2/3) (hw)^(4/3):
+      O((hw)^(4/3)), as the paper's v2 abstract states, not the linear 4 c (vk)^(1/2) hw that the
+      deck derives from the missing a^2.
+    """
+    a = n_win
+    T = -(-h // a) * -(-w // a)  # tokens per padded window
+    k = min(topk, n_other * a * a)
+    routing = 2 * (a * a) * c * (n_other * a * a)
+    attention = 2 * (a * a) * (2 * T * c * k * T)  # Q K^T and A V in each of the a^2 windows
+    return routing + attention
+
+
+def cross_attention_flops(h: int, w: int, c: int, n_other: int) -> int:
+    """Exact FLOPs of one `full_cross_attention` call for one query view (FlopCounterMode's rule):
+    Q K^T (hw x c) @ (c x v hw) and A V (hw x v hw) @ (v hw x c): 4 v (hw)^2 c."""
+    return 2 * 2 * (h * w) * c * (n_other * h * w)
+
+
+def seminar_flops_cross_attention(h: int, w: int, c: int, v: int) -> float:
+    """The deck's printed cost of cross-attention: (2c + 1) v (hw)^2 (multiply-adds of QK^T and AV
+    plus the softmax). v = views that supply keys."""
+    return (2 * c + 1) * v * (h * w) ** 2
+
+
+def seminar_flops_mvas(h: int, w: int, c: int, v: int, a: int, k: int) -> float:
+    """The deck's printed cost of MVAS, first line: 2 v (a^2)^2 c + v (a^2)^2 c + 2 (hw/a^2)(k hw/a^2) c.
+    See `mvas_flops` for where it differs from the exact count."""
+    return 2 * v * a ** 4 * c + v * a ** 4 * c + 2 * (h * w / a ** 2) * (k * h * w / a ** 2) * c
+
+
+def seminar_flops_mvas_bound(h: int, w: int, c: int, v: int, k: int) -> float:
+    """The deck's printed minimum over a: 2c(v a^4 + k (hw)^2 / a^4) >= 4 c (vk)^(1/2) hw."""
+    return 4 * c * math.sqrt(v * k) * h * w
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def sine_position_embedding(h: int, w: int, c: int, device=None) -> torch.Tensor:
+    """DETR's sine positional embedding (normalize=True, scale 2*pi, temperature 1e4).
+
+    Args:
+        h, w: feature size; c: channels (a multiple of 4), half for y, half for x.
+    Returns:
+        (h, w, c) with channels [pos_y, pos_x], each interleaving sin and cos.
+    """
+    n = c // 2
+    y = torch.arange(1, h + 1, dtype=torch.float32, device=device) / (h + 1e-6) * 2 * math.pi
+    x = torch.arange(1, w + 1, dtype=torch.float32, device=device) / (w + 1e-6) * 2 * math.pi
+    i = torch.arange(n, dtype=torch.float32, device=device)
+    freq = 1e4 ** (2 * torch.div(i, 2, rounding_mode="floor") / n)  # (n,)
+    pos_y, pos_x = y[:, None] / freq, x[:, None] / freq  # (h, n), (w, n)
+    pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)  # (h, n)
+    pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(1)  # (w, n)
+    return torch.cat((pos_y[:, None, :].expand(h, w, n), pos_x[None, :, :].expand(h, w, n)), dim=2)
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zeroes the whole residual branch of a sample with probability p and
+    rescales the kept ones by 1/(1-p). x: (N, ...), one draw per N."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+def cosine_distance_map(teacher: torch.Tensor, student: torch.Tensor, size) -> torch.Tensor:
+    """1 - cosine similarity over channels, bilinearly upsampled (align_corners=True, as ADer).
+
+    Args:
+        teacher, student: (N, C, h, w) one scale.
+        size: (H, W) output size (or an int).
+    Returns:
+        (N, H, W).
+    """
+    d = 1.0 - F.cosine_similarity(teacher, student, dim=1)  # (N, h, w)
+    return F.interpolate(d[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]  # (N, H, W)
+
+
+def _reflect_index(n: int, radius: int, device) -> torch.Tensor:
+    """Indices of a length-n axis extended by `radius` on both sides with scipy's 'reflect' rule
+    (d c b a | a b c d | d c b a: the edge sample is repeated), for any radius."""
+    i = torch.arange(-radius, n + radius, device=device) % (2 * n)
+    return torch.where(i < n, i, 2 * n - 1 - i)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
+    """Separable Gaussian smoothing with scipy.ndimage.gaussian_filter's defaults (kernel truncated
+    at 4 sigma, 'reflect' borders), as the official code applies to each map.
+
+    Args:
+        maps: (..., H, W).
+        sigma: standard deviation in pixels (official: 4).
+    Returns:
+        (..., H, W).
+    """
+    *lead, H, W = maps.shape
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(device=maps.device, dtype=maps.dtype)
+    out = maps.reshape(-1, 1, H, W)  # (M, 1, H, W)
+    out = out[:, :, _reflect_index(H, radius, maps.device), :]  # (M, 1, H + 2r, W)
+    out = F.conv2d(out, kernel.view(1, 1, -1, 1))  # (M, 1, H, W)
+    out = out[:, :, :, _reflect_index(W, radius, maps.device)]  # (M, 1, H, W + 2r)
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1))  # (M, 1, H, W)
+    return out.reshape(*lead, H, W)
+
+
+def reconstruction_loss(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> torch.Tensor:
+    """Multi-scale MSE: sum over scales of mean((teacher - student)^2). Lists of S (N, C, h, w)."""
+    return sum(F.mse_loss(s, t) for t, s in zip(teacher, student))
+
+
+# ----------------------------------------------------------------------------- frozen encoder
+
+# arch -> (torchvision builder, the ImageNet weights; for wide_resnet50_2 V1, the RD4AD/ADer one)
+ENCODERS = {
+    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1),
+    "wide_resnet50_2": (torchvision.models.wide_resnet50_2,
+                        torchvision.models.Wide_ResNet50_2_Weights.IMAGENET1K_V1),
+}
+
+
+def imagenet_file(arch: str) -> Path:
+    """Where torchvision looks for the ImageNet file: <torch hub dir>/checkpoints/<file>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(ENCODERS[arch][1].url).name
+
+
+class FrozenEncoder(nn.Module):
+    """A torchvision ResNet's stages 1-3, frozen and always in eval mode (the teacher).
+
+    weights: "imagenet" (torchvision's weights API: the torch hub cache, downloaded when online;
+    fails with a UserError naming the file and folder when neither works), "auto" (ImageNet when
+    available, else a random-init encoder, said in one line), "none" (random init) or a path to a
+    torchvision/timm ResNet state dict. A random-init encoder has `needs_calibration` True until
+    `calibrate` has re-estimated its BatchNorm statistics; the flag is a buffer, so checkpoints
+    carry it together with the statistics.
+    """
+
+    def __init__(self, arch: str = "resnet34", weights: str = "auto"):
+        super().__init__()
+        if arch not in ENCODERS:
+            raise UserError(f"--backbone {arch!r} is unknown; choose one of: {', '.join(ENCODERS)}")
+        build, _ = ENCODERS[arch]
+        net = build(weights=None)
+        state = self._read_weights(arch, weights)
+        if state is not None:
+            try:
+                missing, unexpected = net.load_state_dict(state, strict=False)
+            except RuntimeError:  # wrong tensor shapes
+                raise UserError(f"--weights {weights}: the tensors do not fit a {arch} (another "
+                                f"architecture's file?); give a torchvision/timm {arch} state dict")
+            missing = [k for k in missing if not k.startswith(("layer4.", "fc."))]
+            if missing or unexpected:
+                raise UserError(f"--weights {weights}: not a {arch} state dict (missing {missing[:3]}, "
+                                f"unexpected {unexpected[:3]}); give a torchvision/timm {arch} file")
+        self.conv1, self.bn1, self.layer1, self.layer2, self.layer3 = \
+            net.conv1, net.bn1, net.layer1, net.layer2, net.layer3
+        expansion = 4 if isinstance(self.layer1[0], Bottleneck) else 1
+        self.channels = (64 * expansion, 128 * expansion, 256 * expansion)  # stages 1-3
+        self.register_buffer("bn_ready", torch.tensor(state is not None))
+        self.requires_grad_(False)
+        self.train(False)
+
+    @staticmethod
+    def _read_weights(arch: str, weights: str) -> dict | None:
+        """The state dict to load, or None for random init (after saying why, for "auto")."""
+        if weights == "none":
+            return None
+        if weights in ("auto", "imagenet"):
+            file = imagenet_file(arch)
+            try:  # reads the hub cache, else downloads (offline: URLError)
+                return ENCODERS[arch][1].get_state_dict(progress=False)
+            except Exception as e:  # torch raises many different types for a failed download or read
+                if file.is_file():
+                    raise UserError(f"{file}: cannot be read ({type(e).__name__}); delete or replace it")
+                where = f"{file.name} into {file.parent} (from {ENCODERS[arch][1].url})"
+                if weights == "imagenet":
+                    raise UserError(f"--weights imagenet: the ImageNet {arch} file is missing and cannot "
+                                    f"be downloaded ({type(e).__name__}); put {where}, or use --weights auto")
+                print(f"warning: ImageNet {arch} weights not found ({file}); continuing with a random-init "
+                      f"encoder whose BatchNorm statistics will be calibrated on the training images. "
+                      f"For the paper's setting put {where}", file=sys.stderr)
+                return None
+        path = Path(weights)
+        if not path.is_file():
+            raise UserError(f"--weights {weights!r}: no such file; use auto, imagenet, none or a path "
+                            f"to a {arch} state dict")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a foreign or truncated file: torch raises many different types
+            raise UserError(f"--weights {weights}: not a readable state dict ({type(e).__name__})")
+        if not isinstance(state, dict):
+            raise UserError(f"--weights {weights}: holds a {type(state).__name__}, not a state dict")
+        return state
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True while the BatchNorm statistics are torchvision's random-init ones (mean 0, var 1)."""
+        return not bool(self.bn_ready)
+
+    def train(self, mode: bool = True):
+        """Always eval: the teacher's BatchNorm statistics must not follow the training batches."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[torch.Tensor]) -> None:
+        """Re-estimates every BatchNorm's running mean/var once: a train-mode forward over `batches`
+        ((N, 3, H, W) each) with momentum None (cumulative average), then back to eval."""
+        norms = [m for m in self.modules() if isinstance(m, nn.BatchNorm2d)]
+        for bn in norms:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.training = True
+        seen = 0
+        for x in batches:
+            self(x.to(self.conv1.weight.device))
+            seen += 1
+        for bn in norms:
+            bn.momentum = 0.1  # torchvision's default
+        self.train(False)
+        if seen == 0:
+            raise UserError("calibrating the encoder needs at least one training batch; the training set is empty")
+        self.bn_ready.fill_(True)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: (N, 3, H, W) ImageNet-normalised -> stages 1-3: (N, C_s, H/4, ...), ... (N, C_s, H/16, ...)."""
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), kernel_size=3, stride=2, padding=1)  # (N, 64, H/4, W/4)
+        f1 = self.layer1(x)  # (N, C0, H/4, W/4)
+        f2 = self.layer2(f1)  # (N, C1, H/8, W/8)
+        f3 = self.layer3(f2)  # (N, C2, H/16, W/16)
+        return [f1, f2, f3]
+
+
+# ----------------------------------------------------------------------------- MVAS blocks
+
+
+class MVASBlock(nn.Module):
+    """One MVAS block with the official post-norm wiring (the paper writes
+    X_o = LN(MVAS(X_i + P)) + X_i; the code puts the residual inside the norm and adds an MLP):
+        x = LN(x + DropPath(MVAS(x + P, X_others)));  x = LN(x + MLP(x))
+    """
+
+    def __init__(self, dim: int, n_win: int, topk: int, num_heads: int, mlp_ratio: int,
+                 dropout: float, drop_path: float):
+        super().__init__()
+        self.n_win, self.topk, self.num_heads, self.drop_prob = n_win, topk, num_heads, drop_path
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(mlp_ratio * dim, dim), nn.Dropout(dropout))
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x, pos, others, others_mask=None):
+        """x: (N, H, W, C) query view; pos: (H, W, C); others: (N, V-1, H, W, C) raw features of the
+        other views; others_mask: (N, V-1) bool or None. Returns (N, H, W, C)."""
+        fused = mvas_attention(x + pos, others, self.n_win, self.topk, self.num_heads, others_mask)
+        x = self.norm1(x + drop_path(fused, self.drop_prob, self.training))  # (N, H, W, C)
+        return self.norm2(x + self.mlp(x))  # (N, H, W, C)
+
+
+class MultiViewFusion(nn.Module):
+    """MVAS blocks at one scale. Every view in turn is the query; the other views' raw encoder
+    features are its keys/values in every block (not updated between blocks). Norms and MLPs are
+    shared by all views: the official code loops over the views with the same modules; we run the
+    V queries as one batch, which is the same computation (DropPath draws per query view, as there)."""
+
+    def __init__(self, dim: int, depth: int, n_win: int, topk: int, num_heads: int, mlp_ratio: int,
+                 dropout: float, drop_path: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(MVASBlock(dim, n_win, topk, num_heads, mlp_ratio, dropout, drop_path)
+                                    for _ in range(depth))
+
+    def forward(self, feats: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """feats: (B, V, C, H, W) one scale of the encoder; view_mask: (B, V) bool or None.
+        Returns (B, V, C, H, W), the fused features."""
+        B, V, C, H, W = feats.shape
+        x = feats.permute(0, 1, 3, 4, 2)  # (B, V, H, W, C)
+        # for view i, the other views in order (0..i-1, i+1..V-1), as the official torch.cat
+        other = torch.tensor([[j for j in range(V) if j != i] for i in range(V)], device=feats.device)
+        others = x[:, other].reshape(B * V, V - 1, H, W, C)  # (B*V, V-1, H, W, C)
+        others_mask = None if view_mask is None else view_mask[:, other].reshape(B * V, V - 1)
+        pos = sine_position_embedding(H, W, C, device=feats.device).to(feats.dtype)  # (H, W, C)
+        x = x.reshape(B * V, H, W, C)  # (B*V, H, W, C)
+        for block in self.blocks:
+            x = block(x, pos, others, others_mask)  # (B*V, H, W, C)
+        return x.reshape(B, V, H, W, C).permute(0, 1, 4, 2, 3)  # (B, V, C, H, W)
+
+
+# ----------------------------------------------------------------------------- bottleneck, decoder
+
+
+def conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int = 1, bias: bool = False) -> nn.Sequential:
+    """Conv (same padding) -> BatchNorm -> ReLU, the OCBE unit."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=bias),
+                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+def rd4ad_init(module: nn.Module) -> None:
+    """RD4AD/official init: Kaiming-normal (fan_out) convolutions, BatchNorm weight 1 and bias 0;
+    transposed convolutions keep PyTorch's default (they are not nn.Conv2d)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class OCBE(nn.Module):
+    """One-class bottleneck embedding with the official MVAD fusion of the three fused scales
+    (channels c0, c1, c2 = 64, 128, 256 for ResNet34):
+        fpn0 = ReLU(BN(conv3x3 s2 c0->c1)(m0));  fpn1 = ReLU(BN(conv1x1 c1->c1)(m1)) + fpn0
+        s = ReLU(BN(conv3x3 s2 c1->c2)(fpn1)) + ReLU(BN(conv1x1 c2->c2)(m2));  s = ReLU(BN(conv1x1)(s))
+        out = 3 ResNet Bottlenecks (planes c2/2, the first stride 2) -> 2*c2 channels at H/32.
+    The 1x1 convolutions keep their bias before BatchNorm, as in the official code."""
+
+    def __init__(self, channels: tuple[int, int, int], num_blocks: int = 3):
+        super().__init__()
+        c0, c1, c2 = channels
+        self.down0 = conv_bn_relu(c0, c1, 3, stride=2)
+        self.proj1 = conv_bn_relu(c1, c1, 1, bias=True)
+        self.down1 = conv_bn_relu(c1, c2, 3, stride=2)
+        self.proj2 = conv_bn_relu(c2, c2, 1, bias=True)
+        self.merge = conv_bn_relu(c2, c2, 1, bias=True)
+        shortcut = nn.Sequential(nn.Conv2d(c2, 2 * c2, 1, stride=2, bias=False), nn.BatchNorm2d(2 * c2))
+        self.layer = nn.Sequential(Bottleneck(c2, c2 // 2, stride=2, downsample=shortcut),
+                                   *[Bottleneck(2 * c2, c2 // 2) for _ in range(num_blocks - 1)])
+        rd4ad_init(self)
+
+    def forward(self, m0, m1, m2):
+        """m0, m1, m2: (N, c0, H/4, W/4), (N, c1, H/8, W/8), (N, c2, H/16, W/16) fused features.
+        Returns (N, 2*c2, H/32, W/32)."""
+        fpn0 = self.down0(m0)  # (N, c1, H/8, W/8)
+        fpn1 = self.proj1(m1) + fpn0  # (N, c1, H/8, W/8)
+        s = self.down1(fpn1) + self.proj2(m2)  # (N, c2, H/16, W/16)
+        return self.layer(self.merge(s))  # (N, 2*c2, H/32, W/32)
+
+
+class DeBasicBlock(nn.Module):
+    """RD4AD's reversed ResNet basic block: a 2x2 stride-2 transposed conv replaces the strided
+    3x3 conv (and the 1x1 strided shortcut) when the block upsamples."""
+
+    def __init__(self, c_in: int, c_out: int, upsample: bool):
+        super().__init__()
+        self.conv1 = (nn.ConvTranspose2d(c_in, c_out, 2, stride=2, bias=False) if upsample
+                      else nn.Conv2d(c_in, c_out, 3, padding=1, bias=False))
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = (nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 2, stride=2, bias=False),
+                                       nn.BatchNorm2d(c_out)) if upsample else nn.Identity())
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class DeBottleneck(nn.Module):
+    """RD4AD's reversed bottleneck (de-WideResNet50-2: inner width c_out / 2)."""
+
+    def __init__(self, c_in: int, c_out: int, upsample: bool):
+        super().__init__()
+        width = c_out // 2
+        self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = (nn.ConvTranspose2d(width, width, 2, stride=2, bias=False) if upsample
+                      else nn.Conv2d(width, width, 3, padding=1, bias=False))
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, c_out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.shortcut = (nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 2, stride=2, bias=False),
+                                       nn.BatchNorm2d(c_out)) if upsample else nn.Identity())
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class Decoder(nn.Module):
+    """The student: RD4AD's reversed ResNet (de-ResNet34: 3, 4, 6 blocks), each stage upsampling x2
+    with its first block: 2*c2@H/32 -> c2@H/16 -> c1@H/8 -> c0@H/4."""
+
+    def __init__(self, channels: tuple[int, int, int], block=DeBasicBlock, depths=(3, 4, 6)):
+        super().__init__()
+        c0, c1, c2 = channels
+        stages, c_in = [], 2 * c2
+        for c_out, depth in zip((c2, c1, c0), depths):
+            stages.append(nn.Sequential(block(c_in, c_out, upsample=True),
+                                        *[block(c_out, c_out, upsample=False) for _ in range(depth - 1)]))
+            c_in = c_out
+        self.stages = nn.ModuleList(stages)
+        rd4ad_init(self)
+
+    def forward(self, x):
+        """x: (N, 2*c2, H/32, W/32). Returns [(N, c0, H/4, W/4), (N, c1, H/8, W/8), (N, c2, H/16, W/16)],
+        ordered like the teacher's stages."""
+        outs = []
+        for stage in self.stages:
+            x = stage(x)  # (N, C_s, 2h, 2w): c2@H/16, then c1@H/8, then c0@H/4
+            outs.append(x)
+        return outs[::-1]
+
+
+# ----------------------------------------------------------------------------- config and model
+
+
+@dataclass
+class MVADConfig:
+    backbone: str = "resnet34"  # frozen teacher: resnet34 (paper), resnet18, or wide_resnet50_2 (RD4AD's)
+    weights: str = "auto"  # teacher weights: auto | imagenet | none | <path>; paper: ImageNet
+    image_size: int = 256  # input height = width in pixels, a multiple of 32; paper: 256
+    n_win: tuple[int, ...] = (14, 9, 6)  # MVAS windows per side a at the 3 scales; official: 14, 9, 6
+    topk: int = 4  # windows of the other views each query window attends to (K); official: 4
+    blocks: tuple[int, ...] = (1, 2, 4)  # MVAS blocks at the 3 scales; official: 1, 2, 4
+    num_heads: int = 8  # attention heads in MVAS; official: 8
+    mlp_ratio: int = 4  # hidden width of the block MLP, in multiples of C; official: 4
+    dropout: float = 0.1  # dropout inside the block MLP; official: 0.1
+    drop_path: float = 0.1  # stochastic depth on the MVAS branch; official: 0.1
+    loss_weight: float = 5.0  # multiplies the multi-scale MSE; official: 5 (ADer's L2Loss lam)
+    blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly maps, pixels; official: 4
+
+
+class MVAD(nn.Module):
+    """Frozen encoder -> per-scale MVAS fusion -> OCBE -> de-ResNet decoder (the student)."""
+
+    def __init__(self, cfg: MVADConfig):
+        super().__init__()
+        if cfg.image_size % 32 or cfg.image_size < 32:
+            raise UserError(f"--image-size {cfg.image_size}: MVAD needs a multiple of 32 (official: 256)")
+        if not len(cfg.n_win) == len(cfg.blocks) == 3:
+            raise UserError(f"MVAD needs 3 values for n_win and blocks (one per scale), "
+                            f"got {cfg.n_win}, {cfg.blocks}")
+        self.cfg = cfg
+        self.encoder = FrozenEncoder(cfg.backbone, cfg.weights)
+        channels = self.encoder.channels  # (64, 128, 256) for ResNet18/34
+        self.fusion = nn.ModuleList(
+            MultiViewFusion(c, depth, n_win, cfg.topk, cfg.num_heads, cfg.mlp_ratio, cfg.dropout, cfg.drop_path)
+            for c, depth, n_win in zip(channels, cfg.blocks, cfg.n_win))
+        self.bottleneck = OCBE(channels)
+        block = DeBottleneck if cfg.backbone == "wide_resnet50_2" else DeBasicBlock
+        self.decoder = Decoder(channels, block)
+
+    def features(self, images: torch.Tensor, view_mask: torch.Tensor | None = None):
+        """Teacher and student features.
+
+        Args:
+            images: (B, V, 3, H, W) ImageNet-normalised, V >= 2, H = W = image_size.
+            view_mask: (B, V) bool, True = view present, or None (all present).
+        Returns:
+            teacher, student: lists of S = 3 tensors (B*V, C_s, H_s, W_s), sample-major.
+        """
+        if images.dim() != 5 or images.shape[1] < 2 or images.shape[2] != 3 \
+                or images.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
+            raise UserError(f"MVAD expects images (B, V>=2, 3, {self.cfg.image_size}, {self.cfg.image_size}), "
+                            f"got {tuple(images.shape)}; set --image-size to the data's size")
+        B, V, _, H, W = images.shape
+        if view_mask is not None and (view_mask.shape != (B, V) or view_mask.dtype != torch.bool):
+            raise UserError(f"view_mask must be a (B, V) = ({B}, {V}) bool tensor, got "
+                            f"{tuple(view_mask.shape)} {view_mask.dtype}")
+        # STEP 1: the frozen pre-trained encoder sees every view separately: X_i^j for scale j
+        teacher = self.encoder(images.flatten(0, 1))  # S x (B*V, C_s, H_s, W_s)
+        # STEP 2: MVAS blocks per scale, X_o^j = LN^j(MVAS^j(X_i^j + P)) + X_i^j (in the code's
+        # post-norm form, see MVASBlock): each view attends to the top-k windows of the others
+        fused = [fuse(t.unflatten(0, (B, V)), view_mask).flatten(0, 1)  # (B*V, C_s, H_s, W_s)
+                 for fuse, t in zip(self.fusion, teacher)]
+        # STEP 3: OCBE bottleneck, then the student decoder reconstructs the teacher's scales
+        bottleneck = self.bottleneck(*fused)  # (B*V, 2*C_2, H/32, W/32)
+        student = self.decoder(bottleneck)  # S x (B*V, C_s, H_s, W_s)
+        return teacher, student
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, V, 3, H, W) -> scalar training loss: loss_weight * multi-scale MSE."""
+        teacher, student = self.features(images)
+        # STEP 4: multi-scale MSE between encoder and decoder features, x5 (ADer's L2Loss lam)
+        return self.cfg.loss_weight * reconstruction_loss(teacher, student)
+
+    def loss(self, images: torch.Tensor) -> torch.Tensor:
+        """The training loss by name; the same call as `model(images)`."""
+        return self(images)
+
+    @torch.no_grad()
+    def anomaly_map(self, images: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Anomaly maps at input resolution (call model.eval() first: BatchNorm running statistics).
+
+        Args:
+            images: (B, V, 3, H, W); view_mask: (B, V) bool or None.
+        Returns:
+            (B, V, H, W) float32: sum over scales of upsampled (1 - cos), / 9 (ADer's 'add' mode:
+            scales x sum of the unit weights), Gaussian sigma 4; zeros for missing views.
+        """
+        teacher, student = self.features(images, view_mask)
+        B, V, _, H, W = images.shape
+        # STEP 5: anomaly map, 1 - cos per scale, upsampled and summed, then smoothed
+        maps = sum(cosine_distance_map(t.float(), s.float(), (H, W)) for t, s in zip(teacher, student))
+        maps = gaussian_blur(maps / 9.0, self.cfg.blur_sigma).reshape(B, V, H, W)  # (B, V, H, W)
+        if view_mask is not None:
+            maps = maps * view_mask[:, :, None, None]
+        return maps
