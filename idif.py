@@ -1,0 +1,532 @@
+"""IDIF: Intra-view Decoupling and Inter-view Fusion for multi-view anomaly detection.
+
+Mao et al., "Unveiling Multi-View Anomaly Detection: Intra-view Decoupling and Inter-view Fusion",
+AAAI 2025. No official code is released; this file follows the paper's description (and the seminar
+deck, shared/seed/multiview-ad-seminar.txt). Denoising knowledge distillation in the style of
+DeSTSeg: a frozen teacher sees the clean views, a student sees pseudo-anomalous views and must
+reproduce the teacher's features of the clean ones. Between the student's encoder and its decoders:
+
+    f_E^(v)  = StudentEncoder(corrupted view v)                 view-shared ResNet18, stages 1-3
+    f_c      = mu + Sigma * eps,  (mu, Sigma) from all views    Consistency Bottleneck (CB)
+    f_s^(v)  = f_E^(v) - f_c                                    intra-view decoupling
+    P_n      = FusionBlocks(P_0, f_s^(1..V))                    Implicit Voxel Construction (IVC)
+    f_p^(v)  = STN^(v)(P_n, alpha^(v))                          re-projection to view v
+    f_stu^(v) = Decoder^(v)(f_p^(v) + f_c)                      three scales, like the teacher
+    L        = alpha L_Distill + beta L_IB
+
+Anomaly map of a view: the mean over the three scales of 1 - cos(f_tea, f_stu), upsampled to the
+input (bilinear, mvad.cosine_distance_map), Gaussian-smoothed (sigma 4). In training each view is
+dropped with p = 0.2 (View-wise Dropout); dropped views are masked in the fusion and excluded from
+the losses.
+
+Shape legend:
+    B samples, V views, H = W input side, C = 256 channels of the student's stage 3 (= voxel width),
+    h = w = H / 16 the f_E / f_s grid, L latent channels of the bottleneck, D x Hv x Wv voxel grid,
+    p patch side, T = (h / p) * (w / p) tokens per view, n heads, d = C / n head width,
+    C_s x h_s x w_s one teacher scale (64 x H/4, 128 x H/8, 256 x H/16).
+
+Run: `python train.py --method idif --category zipper`; tests: `python -m pytest tests/test_idif.py`.
+
+Size (5 views, 256 input): 18.8 M parameters, 2.8 M of them the frozen teacher; trainable: student
+encoder 2.8 M, CB 1.3 M, IVC 3.5 M, 5 decoders 8.5 M. 23.4 GMACs per sample for an anomaly map
+(teacher 9.2, student encoder 9.2, CB 0.3, IVC 1.1, decoders 3.7), as FlopCounterMode counts them.
+
+Where the paper is silent, our choices (REFERENCE section 4):
+- Student encoder: paper is silent on how the lower stages are used; we use only the stage-3 output
+  as f_E (C = 256 at H/16); stages 1-2 feed it and nothing else, because the decoders must not see the
+  pseudo-anomalous input through skip connections (DeSTSeg's student has none either).
+- CB: paper is silent on its layers; we work on the 16x16x256 stage at 256 input. f_e^mu and
+  f_e^Sigma are two small conv nets on the mean of f_E over the kept views, with a 64-channel latent;
+  Sigma is a standard deviation, exp(log_var / 2). The latent f_c is projected back to 256 channels
+  by a 1x1 conv. q(f_E | f_c) is a second small conv net, used only in training; L_IB is its MSE to
+  each kept view's f_E. We detach that target, so that the encoder cannot lower L_IB by erasing the
+  differences between views. An optional KL(N(mu, Sigma) || N(0, I)) term has weight 0 by default
+  (the paper has none).
+- IVC: paper is silent on sizes; we use a 4 x 8 x 8 voxel of width 256, 2 pre-norm fusion blocks,
+  8 heads, FFN width 4C with GELU. P_0 is learned (initialised N(0, 0.02^2)); the 3D positional
+  encoding and the tokens' 2D one are fixed sine-cosine encodings in normalised coordinates, so
+  that the voxel's 8x8 plane and the token grid share one frame (one helper for both, since
+  mvad.sine_position_embedding is 2D only). We patchify f_s with a 2x2
+  stride-2 convolution (16x16 -> 8x8 tokens per view at 256 input) and add a learnable encoding per
+  view.
+- Masked-view attention: a sample whose views are all masked gets a zero attention output (plain
+  softmax would give NaN); the model itself always keeps at least one view.
+- View-wise dropout: each view is dropped independently with p; a sample left with no view gets one
+  random view back, so the realised rate is a little below p (p - p^V / V).
+- STN: paper is silent on the rotation axis; we rotate the voxel about its height axis (a turntable
+  in front of the camera) in normalised coordinates, trilinear sampling, zeros outside, then take the
+  mean over depth. The 8x8 projection is resized bilinearly to the f_s grid (up to 16x16 at 256
+  input, down to 4x4 at 64).
+- Decoder: one per view, reversed ResNet with one of RD4AD's DeBasicBlocks per scale (mvad.py's; the
+  block going up a scale uses a 2x2 transposed conv; RD4AD stacks two or more per scale), no skip
+  connections.
+- L_Distill: the seminar writes a squared distance; like DeSTSeg we take it between L2-normalised
+  features, i.e. 1 - cos (the same quantity the anomaly map uses), averaged over positions, summed
+  over scales and kept views, averaged over samples.
+- Inference: the student sees the test views themselves (as in DeSTSeg); the map of a view marked
+  absent in view_mask is all zeros.
+- In training the student's BatchNorm layers use batch statistics over all B * V images, dropped
+  views included; in eval mode (anomaly maps) every view is computed on its own, so an absent view
+  has no influence at all on the others.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from data import UserError
+from mvad import DeBasicBlock, FrozenEncoder, cosine_distance_map, gaussian_blur, rd4ad_init
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def sine_positional_encoding(grid: tuple[int, ...], dim: int) -> torch.Tensor:
+    """Fixed sine-cosine encoding of the cells of a regular grid with any number of axes.
+
+    Each axis gets an even share of the channels (the first axis also takes the remainder). Cell
+    centres are scaled to [0, 2 pi), so grids of different sizes share one frame; frequencies
+    10000^(-2i / width) as in the Transformer.
+
+    Args:
+        grid: the sizes (G_1, ..., G_k) of the axes, e.g. (D, Hv, Wv) or (h / p, w / p).
+        dim: channels (even, at least 2k).
+    Returns:
+        (G_1 * ... * G_k, dim), cells in row-major order.
+    """
+    share = 2 * (dim // (2 * len(grid)))
+    widths = [dim - share * (len(grid) - 1)] + [share] * (len(grid) - 1)
+    axes = [(torch.arange(g) + 0.5) / g * 2 * math.pi for g in grid]
+    coords = torch.meshgrid(*axes, indexing="ij")  # k x (G_1, ..., G_k)
+    parts = []
+    for coord, width in zip(coords, widths):
+        freqs = 10000.0 ** (-torch.arange(width // 2) * 2 / width)  # (width / 2,)
+        angles = coord.reshape(-1, 1) * freqs  # (G, width / 2)
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1)  # (G, dim)
+
+
+def masked_view_mean(x: torch.Tensor, view_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the present views; absent views contribute exact zeros.
+
+    Args:
+        x: (B, V, ...) per-view tensors.
+        view_mask: (B, V) bool, True = view present (at least one per sample).
+    Returns:
+        (B, ...).
+    """
+    weights = view_mask.to(x.dtype).view(*view_mask.shape, *[1] * (x.dim() - 2))  # (B, V, 1, ...)
+    return (x * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+def sample_view_mask(batch: int, views: int, p: float, device=None) -> torch.Tensor:
+    """View-wise dropout: drop each view with probability p, keep at least one view per sample.
+
+    Args:
+        batch, views: B and V.
+        p: drop probability of a view.
+    Returns:
+        (B, V) bool, True = view kept.
+    """
+    keep = torch.rand(batch, views, device=device) >= p  # (B, V)
+    rescue = F.one_hot(torch.randint(views, (batch,), device=device), views).bool()  # (B, V)
+    return keep | (rescue & ~keep.any(dim=1, keepdim=True))
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Masked-view attention: softmax(M + Q K^T / sqrt(d)) V, M = -inf on the masked key columns.
+
+    Args:
+        q: (N, n, Tq, d) queries of n heads.
+        k, v: (N, n, Tk, d) keys and values.
+        key_mask: (N, Tk) bool, True = the key may be attended to; None = every key.
+    Returns:
+        (N, n, Tq, d). A sample with no key left gets a zero output (plain softmax would give NaN).
+    """
+    logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (N, n, Tq, Tk)
+    if key_mask is None:
+        return logits.softmax(dim=-1) @ v
+    has_key = key_mask.any(dim=1)  # (N,)
+    M = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
+    M = M.masked_fill(~key_mask, float("-inf"))  # (N, Tk)
+    M = M.masked_fill(~has_key[:, None], 0.0)  # finite logits for a fully masked sample, zeroed below
+    attn = (M[:, None, None, :] + logits).softmax(dim=-1)  # (N, n, Tq, Tk)
+    return (attn @ v) * has_key[:, None, None, None]  # (N, n, Tq, d)
+
+
+def rotate_and_project(voxel: torch.Tensor, angles: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """STN re-projection: rotate the voxel by each view's angle about its height axis, average over
+    depth, resize to the f_s grid.
+
+    Args:
+        voxel: (B, C, D, Hv, Wv) the fused voxel P_n.
+        angles: (V,) alpha^(v) in radians.
+        size: (h, w) the f_s grid.
+    Returns:
+        (B, V, C, h, w) f_p, the voxel as seen from each view.
+    """
+    B, C, D, Hv, Wv = voxel.shape
+    V = angles.shape[0]
+    cos, sin = angles.cos(), angles.sin()
+    zero, one = torch.zeros_like(angles), torch.ones_like(angles)
+    # affine_grid's coordinates are (x, y, z) = (width, height, depth); y stays fixed.
+    theta = torch.stack([torch.stack([cos, zero, sin, zero], dim=-1),
+                         torch.stack([zero, one, zero, zero], dim=-1),
+                         torch.stack([-sin, zero, cos, zero], dim=-1)], dim=1)  # (V, 3, 4)
+    theta = theta.repeat(B, 1, 1)  # (B*V, 3, 4), sample-major
+    volume = voxel.repeat_interleave(V, dim=0)  # (B*V, C, D, Hv, Wv)
+    grid = F.affine_grid(theta, list(volume.shape), align_corners=False)  # (B*V, D, Hv, Wv, 3)
+    rotated = F.grid_sample(volume, grid, align_corners=False)  # (B*V, C, D, Hv, Wv)
+    plane = rotated.mean(dim=2)  # (B*V, C, Hv, Wv)
+    plane = F.interpolate(plane, size=size, mode="bilinear", align_corners=False)  # (B*V, C, h, w)
+    return plane.view(B, V, C, *size)
+
+
+def distillation_loss(f_tea: list[torch.Tensor], f_stu: list[torch.Tensor],
+                      view_mask: torch.Tensor) -> torch.Tensor:
+    """L_Distill: sum over kept views and scales of the mean over positions of 1 - cos(f_tea, f_stu).
+
+    Dropped views are multiplied by 0 (not skipped), so every decoder takes part in every step.
+
+    Args:
+        f_tea, f_stu: 3 scales, each (B, V, C_s, h_s, w_s).
+        view_mask: (B, V) bool, True = view kept.
+    Returns:
+        scalar, averaged over samples.
+    """
+    kept = view_mask.to(f_tea[0].dtype)  # (B, V)
+    total = 0.0
+    for tea, stu in zip(f_tea, f_stu):
+        distance = 1 - F.cosine_similarity(tea, stu, dim=2)  # (B, V, h_s, w_s)
+        total = total + (distance.mean(dim=(2, 3)) * kept).sum(dim=1)  # (B,)
+    return total.mean()
+
+
+def student_encoder() -> nn.Sequential:
+    """The student's encoder: torchvision ResNet18 stages 1-3, random init. (N, 3, H, W) -> (N, C, h, w)."""
+    net = torchvision.models.resnet18(weights=None)
+    return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3)
+
+
+def feed_forward(dim: int) -> nn.Sequential:
+    """The transformer FFN: (N, T, dim) -> (N, T, dim), hidden width 4 dim."""
+    return nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class ConsistencyBottleneck(nn.Module):
+    """Consistency Bottleneck (CB): the view-common f_c of a sample and the view-specific f_s."""
+
+    def __init__(self, dim: int, latent: int, kl_weight: float):
+        super().__init__()
+        self.kl_weight = kl_weight
+        self.f_mu = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(), nn.Conv2d(dim, latent, 1))
+        self.f_sigma = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(), nn.Conv2d(dim, latent, 1))
+        self.expand = nn.Conv2d(latent, dim, 1)  # latent f_c -> C channels, to subtract it from f_E
+        # q(f_E | f_c), the reconstruction decoder of L_IB (training only)
+        self.reconstruct = nn.Sequential(nn.Conv2d(latent, dim, 1), nn.ReLU(), nn.Conv2d(dim, dim, 1))
+
+    def forward(self, f_E: torch.Tensor, view_mask: torch.Tensor):
+        """Args:
+            f_E: (B, V, C, h, w) the student encoder's features.
+            view_mask: (B, V) bool, True = view kept.
+        Returns:
+            f_c (B, C, h, w), f_s (B, V, C, h, w), and latent = (c, mu, log_var), each (B, L, h, w),
+            where c is f_c in the latent space.
+        """
+        # STEP 1: what the kept views share: their mean (absent views excluded)
+        pooled = masked_view_mean(f_E, view_mask)  # (B, C, h, w)
+        # STEP 2: N(mu, Sigma) from the two sub-networks f_e^mu and f_e^Sigma
+        mu, log_var = self.f_mu(pooled), self.f_sigma(pooled)  # (B, L, h, w)
+        # STEP 3: f_c = mu + Sigma * eps in training (reparameterisation), mu at test time
+        c = mu + (0.5 * log_var).exp() * torch.randn_like(mu) if self.training else mu  # (B, L, h, w)
+        f_c = self.expand(c)  # (B, C, h, w)
+        # STEP 4: f_s^(v) = f_E^(v) - f_c, one f_c per sample shared by its views
+        f_s = f_E - f_c[:, None]  # (B, V, C, h, w)
+        return f_c, f_s, (c, mu, log_var)
+
+    def ib_loss(self, f_E: torch.Tensor, view_mask: torch.Tensor, latent) -> torch.Tensor:
+        """L_IB: -log q(f_E | f_c) as an MSE to each kept view's (detached) f_E, + kl_weight * KL.
+
+        Args:
+            f_E: (B, V, C, h, w); view_mask: (B, V) bool; latent: (c, mu, log_var) from forward.
+        Returns:
+            scalar, averaged over kept views and samples.
+        """
+        c, mu, log_var = latent
+        recon = self.reconstruct(c)  # (B, C, h, w)
+        error = (recon[:, None] - f_E.detach()).pow(2).mean(dim=(2, 3, 4))  # (B, V)
+        reconstruction = masked_view_mean(error, view_mask).mean()
+        kl = -0.5 * (1 + log_var - mu.pow(2) - log_var.exp()).mean()
+        return reconstruction + self.kl_weight * kl
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention around masked_attention: (N, Tq, C) queries x (N, Tk, C) context -> (N, Tq, C)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None = None):
+        N, Tq, C = x.shape
+        Tk, n = context.shape[1], self.heads
+        q = self.q(x).view(N, Tq, n, C // n).transpose(1, 2)  # (N, n, Tq, d)
+        k, v = self.kv(context).view(N, Tk, 2, n, C // n).permute(2, 0, 3, 1, 4)  # 2 x (N, n, Tk, d)
+        out = masked_attention(q, k, v, key_mask)  # (N, n, Tq, d)
+        return self.out(out.transpose(1, 2).reshape(N, Tq, C))  # (N, Tq, C)
+
+
+class FusionBlock(nn.Module):
+    """One IVC fusion block, pre-norm: self-attention + FFN over the voxel, then cross-attention from
+    the voxel to the view tokens + FFN."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1, self.self_attn = nn.LayerNorm(dim), MultiHeadAttention(dim, heads)
+        self.norm2, self.ffn1 = nn.LayerNorm(dim), feed_forward(dim)
+        self.norm3, self.norm_tokens = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.cross_attn = MultiHeadAttention(dim, heads)
+        self.norm4, self.ffn2 = nn.LayerNorm(dim), feed_forward(dim)
+
+    def forward(self, voxel: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Args:
+            voxel: (B, D*Hv*Wv, C) the voxel P_i as tokens.
+            tokens: (B, V*T, C) the view-specific tokens of all views.
+            token_mask: (B, V*T) bool, False on the tokens of dropped views.
+        Returns:
+            (B, D*Hv*Wv, C) P_{i+1}.
+        """
+        # STEP 1: P' = FFN(SelfAttn(P)): the voxel's cells exchange information
+        x = self.norm1(voxel)
+        voxel = voxel + self.self_attn(x, x)
+        voxel = voxel + self.ffn1(self.norm2(voxel))
+        # STEP 2: P_{i+1} = FFN(CrossAttn(P', f_s)): queries from the voxel, keys/values from the view
+        # tokens, the dropped views' columns masked with -inf
+        voxel = voxel + self.cross_attn(self.norm3(voxel), self.norm_tokens(tokens), token_mask)
+        return voxel + self.ffn2(self.norm4(voxel))
+
+
+class ImplicitVoxel(nn.Module):
+    """Implicit Voxel Construction (IVC): a learnable, sample-independent voxel P_0 that the fusion
+    blocks fill with the view-specific features f_s of the present views."""
+
+    def __init__(self, dim: int, voxel_size: tuple[int, int, int], token_grid: tuple[int, int],
+                 num_views: int, patch_size: int, blocks: int, heads: int):
+        super().__init__()
+        self.voxel_size = tuple(voxel_size)
+        self.prototype = nn.Parameter(torch.randn(math.prod(voxel_size), dim) * 0.02)  # P_0
+        self.register_buffer("voxel_pos", sine_positional_encoding(self.voxel_size, dim), persistent=False)
+        self.patchify = nn.Conv2d(dim, dim, patch_size, stride=patch_size)
+        self.register_buffer("token_pos", sine_positional_encoding(token_grid, dim), persistent=False)
+        self.view_embed = nn.Parameter(torch.randn(num_views, dim) * 0.02)
+        self.blocks = nn.ModuleList(FusionBlock(dim, heads) for _ in range(blocks))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, f_s: torch.Tensor, view_mask: torch.Tensor) -> torch.Tensor:
+        """Args:
+            f_s: (B, V, C, h, w) view-specific features.
+            view_mask: (B, V) bool, True = view kept.
+        Returns:
+            (B, C, D, Hv, Wv) the fused voxel P_n.
+        """
+        B, V, C, h, w = f_s.shape
+        # STEP 1: patchify f_s into a 1D token sequence + 2D positional + view encodings
+        tokens = self.patchify(f_s.flatten(0, 1))  # (B*V, C, h/p, w/p)
+        tokens = tokens.flatten(2).transpose(1, 2) + self.token_pos  # (B*V, T, C)
+        T = tokens.shape[1]
+        tokens = tokens.view(B, V, T, C) + self.view_embed[:, None, :]  # (B, V, T, C)
+        tokens = tokens.reshape(B, V * T, C)  # (B, V*T, C)
+        token_mask = view_mask.repeat_interleave(T, dim=1)  # (B, V*T)
+        # STEP 2: the prototype P_0 + 3D positional encoding, the same for every sample
+        voxel = (self.prototype + self.voxel_pos).expand(B, -1, -1)  # (B, D*Hv*Wv, C)
+        # STEP 3: the fusion blocks, P_0 -> P_n
+        for block in self.blocks:
+            voxel = block(voxel, tokens, token_mask)  # (B, D*Hv*Wv, C)
+        voxel = self.norm(voxel)
+        # STEP 4: reshape the token sequence into the 3D voxel
+        return voxel.transpose(1, 2).reshape(B, C, *self.voxel_size)  # (B, C, D, Hv, Wv)
+
+
+class STN(nn.Module):
+    """The re-projection f_p^(v) = STN^(v)(P_n, alpha^(v)) with one learnable angle per view."""
+
+    def __init__(self, num_views: int):
+        super().__init__()
+        # alpha^(v), initialised evenly spaced over 2 pi
+        self.angles = nn.Parameter(torch.arange(num_views) * 2 * math.pi / num_views)
+
+    def forward(self, voxel: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(B, C, D, Hv, Wv) -> (B, V, C, h, w) with (h, w) = size."""
+        return rotate_and_project(voxel, self.angles, size)
+
+
+class ViewDecoder(nn.Module):
+    """Decoder^(v): a reversed ResNet (RD4AD's DeBasicBlock, one per scale) from f_p^(v) + f_c to
+    the teacher's three scales; no skip connections."""
+
+    def __init__(self, channels: tuple[int, int, int]):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.stage3 = DeBasicBlock(c3, c3, upsample=False)
+        self.stage2 = DeBasicBlock(c3, c2, upsample=True)
+        self.stage1 = DeBasicBlock(c2, c1, upsample=True)
+        rd4ad_init(self)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(N, c3, h, w) -> [(N, c1, 4h, 4w), (N, c2, 2h, 2w), (N, c3, h, w)], the teacher's order."""
+        f3 = self.stage3(x)  # (N, c3, h, w)
+        f2 = self.stage2(f3)  # (N, c2, 2h, 2w)
+        f1 = self.stage1(f2)  # (N, c1, 4h, 4w)
+        return [f1, f2, f3]
+
+
+# ----------------------------------------------------------------------------- config and model
+
+
+@dataclass
+class IDIFConfig:
+    image_size: int = 256  # input side H = W (paper: 256); a multiple of 16 * patch_size
+    num_views: int = 5  # V, views per sample (Real-IAD: 5 cameras); one STN angle and decoder each
+    weights: str = "auto"  # teacher ResNet18 weights: auto | imagenet | none | PATH (mvad.FrozenEncoder)
+    latent_channels: int = 64  # L, channels of the bottleneck's latent f_c (paper is silent)
+    voxel_size: tuple[int, int, int] = (4, 8, 8)  # (D, Hv, Wv) voxel cells of width 256 (paper is silent)
+    patch_size: int = 2  # f_s patch side per token: 16x16 -> 8x8 tokens per view at 256 (paper is silent)
+    fusion_blocks: int = 2  # IVC fusion blocks (paper is silent)
+    heads: int = 8  # attention heads in the fusion blocks (paper is silent)
+    view_dropout: float = 0.2  # probability of dropping a view in training, one always kept (paper: 0.2)
+    alpha: float = 1.0  # weight of L_Distill (paper: 1)
+    beta: float = 1.0  # weight of L_IB (paper: 1)
+    kl_weight: float = 0.0  # weight of KL(N(mu, Sigma) || N(0, I)) inside L_IB (paper: no KL term)
+
+
+class IDIF(nn.Module):
+    """IDIF: frozen teacher, denoising student with Consistency Bottleneck, Implicit Voxel, STN."""
+
+    def __init__(self, cfg: IDIFConfig):
+        super().__init__()
+        stride = 16 * cfg.patch_size
+        if cfg.image_size % stride:
+            raise UserError(f"image_size {cfg.image_size} must be a multiple of {stride} for IDIF "
+                            f"(16 x patch_size {cfg.patch_size}); use e.g. --image-size 128 or 256")
+        if not 0 <= cfg.view_dropout < 1:
+            raise UserError(f"view_dropout {cfg.view_dropout} must be in [0, 1); the paper uses 0.2")
+        self.cfg = cfg
+        grid = cfg.image_size // stride
+        self.teacher = FrozenEncoder("resnet18", cfg.weights)
+        channels = self.teacher.channels  # (64, 128, 256); C = 256 is also the student's f_E width
+        self.student = student_encoder()
+        self.bottleneck = ConsistencyBottleneck(channels[-1], cfg.latent_channels, cfg.kl_weight)
+        self.implicit_voxel = ImplicitVoxel(channels[-1], cfg.voxel_size, (grid, grid), cfg.num_views,
+                                            cfg.patch_size, cfg.fusion_blocks, cfg.heads)
+        self.stn = STN(cfg.num_views)
+        self.decoders = nn.ModuleList(ViewDecoder(channels) for _ in range(cfg.num_views))
+
+    def check_inputs(self, images: torch.Tensor, view_mask: torch.Tensor | None) -> None:
+        """Raises UserError when images (B, V, 3, H, W) or view_mask (B, V) do not fit the model."""
+        V, S = self.cfg.num_views, self.cfg.image_size
+        if images.dim() != 5 or tuple(images.shape[1:]) != (V, 3, S, S):
+            raise UserError(f"IDIF got images of shape {tuple(images.shape)}; it was built for "
+                            f"(B, {V}, 3, {S}, {S}) (IDIFConfig num_views={V}, image_size={S}); "
+                            "resize the views or build the model with matching settings")
+        if view_mask is None:
+            return
+        if view_mask.dtype != torch.bool or tuple(view_mask.shape) != tuple(images.shape[:2]):
+            raise UserError(f"view_mask must be a bool tensor of shape {tuple(images.shape[:2])} "
+                            f"(True = view present), got {view_mask.dtype} {tuple(view_mask.shape)}")
+        if not view_mask.any(dim=1).all():
+            raise UserError("view_mask marks every view of a sample absent; IDIF needs at least one "
+                            "present view per sample")
+
+    def features(self, images: torch.Tensor, corrupted: torch.Tensor, view_mask: torch.Tensor):
+        """The teacher's features of the clean views and the student's of the corrupted ones.
+
+        Args:
+            images, corrupted: (B, V, 3, H, W) clean and pseudo-anomalous (or, at test time, the same) views.
+            view_mask: (B, V) bool, True = view kept.
+        Returns:
+            f_tea, f_stu (3 scales, each (B, V, C_s, h_s, w_s)), f_E (B, V, C, h, w), the CB latent.
+        """
+        B, V, _, H, W = images.shape
+        # STEP 1: the frozen teacher sees every clean view separately
+        f_tea = self.teacher(images.flatten(0, 1))  # 3 x (B*V, C_s, h_s, w_s)
+        f_tea = [f.unflatten(0, (B, V)) for f in f_tea]  # 3 x (B, V, C_s, h_s, w_s)
+        # STEP 2: the view-shared student encoder on the pseudo-anomalous views
+        f_E = self.student(corrupted.flatten(0, 1)).unflatten(0, (B, V))  # (B, V, C, h, w)
+        # STEP 3: intra-view decoupling (CB): f_c = mu + Sigma * eps, f_s = f_E - f_c
+        f_c, f_s, latent = self.bottleneck(f_E, view_mask)  # (B, C, h, w), (B, V, C, h, w)
+        # STEP 4: inter-view fusion (IVC): P_0 -> P_n with the kept views' f_s
+        voxel = self.implicit_voxel(f_s, view_mask)  # (B, C, D, Hv, Wv)
+        # STEP 5: f_p^(v) = STN^(v)(P_n, alpha^(v))
+        f_p = self.stn(voxel, f_E.shape[-2:])  # (B, V, C, h, w)
+        # STEP 6: f_stu^(v) = Decoder^(v)(f_p^(v) + f_c)
+        x = f_p + f_c[:, None]  # (B, V, C, h, w)
+        per_view = [decoder(x[:, v]) for v, decoder in enumerate(self.decoders)]  # V x 3 x (B, C_s, h_s, w_s)
+        f_stu = [torch.stack(scale, dim=1) for scale in zip(*per_view)]  # 3 x (B, V, C_s, h_s, w_s)
+        return f_tea, f_stu, f_E, latent
+
+    def loss_parts(self, images: torch.Tensor, corrupted: torch.Tensor,
+                   view_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The training loss and its parts.
+
+        Args:
+            images: (B, V, 3, H, W) clean views (the teacher's input).
+            corrupted: (B, V, 3, H, W) pseudo-anomalous views (the student's input).
+            view_mask: (B, V) bool, True = view present; None: view-wise dropout in training mode,
+                every view in eval mode.
+        Returns:
+            {"loss": alpha L_Distill + beta L_IB, "distill": L_Distill, "ib": L_IB (both detached)}.
+        """
+        self.check_inputs(images, view_mask)
+        if corrupted.shape != images.shape:
+            raise UserError(f"corrupted views of shape {tuple(corrupted.shape)} must match images "
+                            f"{tuple(images.shape)}")
+        B, V = images.shape[:2]
+        if view_mask is None:  # view-wise dropout in training mode, every view otherwise
+            view_mask = (sample_view_mask(B, V, self.cfg.view_dropout, images.device) if self.training
+                         else torch.ones(B, V, dtype=torch.bool, device=images.device))  # (B, V)
+        f_tea, f_stu, f_E, latent = self.features(images, corrupted, view_mask)
+        distill = distillation_loss(f_tea, f_stu, view_mask)
+        ib = self.bottleneck.ib_loss(f_E, view_mask, latent)
+        loss = self.cfg.alpha * distill + self.cfg.beta * ib  # L = alpha L_Distill + beta L_IB
+        return {"loss": loss, "distill": distill.detach(), "ib": ib.detach()}
+
+    def forward(self, images: torch.Tensor, corrupted: torch.Tensor,
+                view_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The scalar training loss alpha L_Distill + beta L_IB (see loss_parts)."""
+        return self.loss_parts(images, corrupted, view_mask)["loss"]
+
+    def loss(self, images: torch.Tensor, corrupted: torch.Tensor,
+             view_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss by name; the same call as `model(images, corrupted, view_mask)`."""
+        return self(images, corrupted, view_mask)
+
+    @torch.no_grad()
+    def anomaly_map(self, images: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-view anomaly maps at input resolution; call in eval mode.
+
+        Args:
+            images: (B, V, 3, H, W) test views, ImageNet-normalised.
+            view_mask: (B, V) bool, True = view present; None = every view. An absent view has no
+                influence on the present views' maps, and its own map is zero.
+        Returns:
+            (B, V, H, W) float32: mean over scales of the upsampled 1 - cos, smoothed with sigma 4.
+        """
+        self.check_inputs(images, view_mask)
+        B, V, _, H, W = images.shape
+        if view_mask is None:
+            view_mask = torch.ones(B, V, dtype=torch.bool, device=images.device)
+        f_tea, f_stu, _, _ = self.features(images, images, view_mask)  # the student sees the test views
+        maps = [cosine_distance_map(tea.flatten(0, 1).float(), stu.flatten(0, 1).float(), (H, W))
+                for tea, stu in zip(f_tea, f_stu)]  # 3 x (B*V, H, W)
+        maps = gaussian_blur(torch.stack(maps).mean(dim=0), sigma=4.0)  # (B*V, H, W)
+        return maps.view(B, V, H, W) * view_mask[:, :, None, None]  # (B, V, H, W)
