@@ -84,6 +84,31 @@ class UserError(Exception):
     """A bad input the user can fix; the message is one line naming the file or flag and the fix."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the defaults shown in --help, whose flag errors are UserErrors, so that every bad
+    input at the command line ends the same way (see `run_cli`)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def run_cli(main, argv=None) -> int:
+    """Runs a command line's `main(argv)`; a UserError becomes one line `error: ...` on stderr and exit
+    status 2, never a traceback. Returns the exit status."""
+    try:
+        main(argv)
+    except UserError as e:
+        # Raised in a DataLoader worker, the message arrives after the worker's traceback: keep the last line.
+        message = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Images
 
@@ -1194,11 +1219,9 @@ class PseudoAnomalies(Dataset):
 
 def main(argv=None):
     """`python data.py synth ...`: write a synthetic split and print its visibility statistics."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    synth = commands.add_parser("synth", help="write a synthetic multi-view split in the Real-IAD layout",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    synth = commands.add_parser("synth", help="write a synthetic multi-view split in the Real-IAD layout")
     synth.add_argument("--out", type=Path, required=True, help="output folder (a Real-IAD root)")
     synth.add_argument("--category", default="zipper", help="Real-IAD category name")
     synth.add_argument("--n-train", type=int, default=40, help="normal training samples")
@@ -1207,15 +1230,11 @@ def main(argv=None):
     synth.add_argument("--resolution", type=int, default=256, help="image side in pixels")
     synth.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args(argv)
-    try:
-        start = time.perf_counter()
-        root = synthesize(args.out, args.category, args.n_train, args.n_test_normal, args.n_test_defect,
-                          args.resolution, args.seed)
-        seconds = time.perf_counter() - start
-        counts = visibility_stats(root, args.category)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    start = time.perf_counter()
+    root = synthesize(args.out, args.category, args.n_train, args.n_test_normal, args.n_test_defect,
+                      args.resolution, args.seed)
+    seconds = time.perf_counter() - start
+    counts = visibility_stats(root, args.category)
     total = args.n_train + args.n_test_normal + args.n_test_defect
     print(f"wrote {total} samples of {args.category} to {root} in {seconds:.1f} s")
     print("defective test samples by number of views that show the defect: "
@@ -1223,8 +1242,7 @@ def main(argv=None):
     partial = sum(counts[1:len(CAMERAS)])
     print(f"seen by only 1 to 4 of the 5 views: {partial} of {sum(counts)} "
           f"({100 * partial / max(sum(counts), 1):.0f}%)")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -31,7 +31,6 @@ Choices where the papers are silent:
 
 Shape legend: N maps, B samples, V views, H/W map size, S samples in a dataset.
 """
-import argparse
 import json
 import math
 import os
@@ -764,8 +763,7 @@ def main(cfg: EvalConfig) -> dict:
 
 
 def parse_args(argv=None) -> EvalConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="a train.py checkpoint, e.g. runs/idif_zipper/last.pt")
     d = EvalConfig(checkpoint="")
     p.add_argument("--data-root", default=d.data_root,
@@ -786,13 +784,8 @@ def parse_args(argv=None) -> EvalConfig:
 
 
 def cli(argv=None) -> int:
-    """The command line: runs main; a UserError becomes one line on stderr and exit status 2."""
-    try:
-        main(parse_args(argv))
-    except data.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """The command line: bad input ends in one line `error: ...` on stderr and exit status 2."""
+    return data.run_cli(lambda args: main(parse_args(args)), argv)
 
 
 if __name__ == "__main__":

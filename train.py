@@ -1,0 +1,386 @@
+"""Train MVAD or IDIF on Real-IAD (or the built-in synthetic multi-view dataset), then evaluate.
+
+    python train.py --method idif --category zipper             # offline: synthetic data, CPU or GPU
+    python train.py --method mvad --category all --data-root /data/Real-IAD
+    torchrun --nproc_per_node=4 train.py --method mvad --category all --data-root /data/Real-IAD
+    python train.py --method idif --category zipper --resume    # continue runs/idif_zipper/last.pt
+    python train.py --method mvad --set topk=8 --set n_win=8,8,8  # any MVADConfig / IDIFConfig field
+
+One loop serves both methods: a batch is (B, V, 3, H, W); MVAD's loss needs only the clean views,
+IDIF's also the pseudo-anomalous ones (data.PseudoAnomalies). After the last epoch the run is
+evaluated by eval.py's `main`, which writes metrics.json, metrics.md and the pictures into --out.
+
+Profiles: with a GPU the defaults are the papers' settings (256x256, batch 8 samples, 100 epochs);
+on a CPU a small profile (`PROFILES["cpu"]`) keeps the default command within about five minutes on
+a 2-core machine (bench/train.py measures it). Every default can be overridden by its flag.
+
+Reproducibility: the model is initialised from --seed, and the sampler order, the pseudo-anomalies
+and every random draw inside the model (dropout, DropPath, view dropout, the bottleneck's noise) are
+seeded from (seed, epoch, rank), so a resumed run ends in the same state as an uninterrupted one.
+Multi-GPU: under torchrun every process trains on its share of each batch through PyTorch's
+DistributedDataParallel (nccl on GPUs, gloo on CPUs); rank 0 alone logs, checkpoints and evaluates.
+"""
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import data
+from eval import EvalConfig
+from eval import main as evaluate_run
+from idif import IDIF, IDIFConfig
+from mvad import MVAD, FrozenEncoder, MVADConfig
+
+METHODS = {"mvad": (MVADConfig, MVAD), "idif": (IDIFConfig, IDIF)}
+
+# The defaults that depend on the hardware: "gpu" is the papers' setting (REFERENCE 3, 4); "cpu"
+# trains and evaluates the synthetic default within about five minutes on 2 cores.
+PROFILES = {
+    "gpu": dict(image_size=256, batch_size=8, epochs=100),
+    "cpu": dict(image_size=128, batch_size=4, epochs=8),
+}
+
+# Per method: AdamW with the base learning rate per 16 images (the ADer rule of the official MVAD
+# code: lr = base * images per step / 16), weight decay on weights only, step decay x0.1 at 80% of
+# the epochs, gradient-norm clip. MVAD's is the official recipe. IDIF: paper is silent; we use the
+# same recipe with a lower base rate for its attention fusion.
+OPTIMIZERS = {
+    "mvad": dict(base_lr=0.005, weight_decay=1e-4, clip=5.0),
+    "idif": dict(base_lr=0.002, weight_decay=1e-4, clip=5.0),
+}
+
+
+@dataclass
+class TrainConfig:
+    method: str = "idif"  # mvad | idif
+    category: str = "zipper"  # a Real-IAD category, a comma list, or "all" (multi-class)
+    data_root: str | None = None  # Real-IAD folder; None: $REALIAD_ROOT or ./data/realiad, else synthetic
+    out: str | None = None  # run folder; None: runs/<method>_<category>
+    epochs: int | None = None  # None: the profile's (paper: 100)
+    batch_size: int | None = None  # samples of V views per step, over all processes (paper: 8)
+    image_size: int | None = None  # input side in pixels; None: the profile's (paper: 256)
+    lr: float | None = None  # None: OPTIMIZERS' base rate x images per step / 16
+    weights: str = "auto"  # frozen encoder: auto | imagenet | none | PATH (mvad.FrozenEncoder)
+    device: str | None = None  # None: cuda if available, else cpu
+    seed: int = 42  # the official MVAD seed
+    workers: int = 0  # DataLoader worker processes
+    resume: bool = False  # continue from <out>/last.pt with the run's stored settings
+    evaluate: bool = True  # evaluate the last checkpoint on the test split after training
+    model: dict = field(default_factory=dict)  # overrides of MVADConfig / IDIFConfig fields
+    synthetic_train: int = 40  # synthetic data only: normal training samples per category
+    synthetic_test: int = 30  # synthetic data only: normal and defective test samples (each)
+
+
+# ----------------------------------------------------------------------------- set-up helpers
+
+
+def distributed_context() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Checks the flags and fills the hardware-dependent defaults from the profile."""
+    if cfg.method not in METHODS:
+        raise data.UserError(f"--method {cfg.method!r} is unknown; choose one of: {', '.join(METHODS)}")
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise data.UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    profile = PROFILES["gpu" if device.startswith("cuda") else "cpu"]
+    filled = {k: v if getattr(cfg, k) is None else getattr(cfg, k) for k, v in profile.items()}
+    for name in ("epochs", "batch_size", "image_size"):
+        if filled[name] < 1:
+            raise data.UserError(f"--{name.replace('_', '-')} {filled[name]}: must be at least 1")
+    out = cfg.out or f"runs/{cfg.method}_{cfg.category.replace(',', '+')}"
+    return dataclasses.replace(cfg, device=device, out=out, **filled)
+
+
+def model_config(cfg: TrainConfig, num_views: int):
+    """The method's config dataclass: its defaults, the run's image size and weights, --set fields."""
+    config_class = METHODS[cfg.method][0]
+    names = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(cfg.model) - names)
+    if unknown:
+        raise data.UserError(f"--set {unknown[0]}: not a field of {config_class.__name__}; "
+                             f"valid: {', '.join(sorted(names))}")
+    values = dict(cfg.model, image_size=cfg.image_size, weights=cfg.weights)
+    if "num_views" in names:
+        values["num_views"] = num_views
+    return config_class(**values)
+
+
+def parse_field(config_class, assignment: str) -> tuple[str, object]:
+    """Parses one `--set NAME=VALUE` into the type of that config field (ints, floats, strings,
+    true/false, comma lists for tuples)."""
+    name, sep, text = assignment.partition("=")
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    if not sep or name not in defaults:
+        raise data.UserError(f"--set {assignment}: expected NAME=VALUE with NAME one of "
+                             f"{', '.join(defaults)} ({config_class.__name__})")
+    default = defaults[name]
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false"):
+                raise ValueError
+            return name, text.lower() == "true"
+        if isinstance(default, tuple):
+            return name, tuple(type(default[0])(t) for t in text.split(","))
+        return name, type(default)(text)
+    except ValueError:
+        raise data.UserError(f"--set {assignment}: {text!r} is not a valid {type(default).__name__} "
+                             f"(default {default!r})") from None
+
+
+def find_real_iad(data_root: str | None) -> Path | None:
+    """The Real-IAD folder: --data-root, else $REALIAD_ROOT or ./data/realiad when present."""
+    if data_root is not None:
+        if not Path(data_root).is_dir():
+            raise data.UserError(f"--data-root {data_root}: no such folder; pass the folder that holds "
+                                 "realiad_<res>/ and realiad_jsons/ (see README)")
+        return Path(data_root)
+    for candidate in (os.environ.get("REALIAD_ROOT"), "data/realiad"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+def data_root_for(cfg: TrainConfig, log) -> Path:
+    """Real-IAD when there is one, else the built-in synthetic dataset (said in one line)."""
+    root = find_real_iad(cfg.data_root)
+    if root is not None:
+        return root
+    categories = cfg.category.split(",")
+    root = data.synthetic_root(categories, n_train=cfg.synthetic_train,
+                               n_test_normal=cfg.synthetic_test, n_test_defect=cfg.synthetic_test)
+    log(f"Real-IAD not found (no --data-root, $REALIAD_ROOT or ./data/realiad): using the built-in "
+        f"synthetic multi-view dataset, {cfg.category}, at {root}")
+    return root
+
+
+def check_writable(out: Path) -> None:
+    """Fails early, naming the flag, when the run folder cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise data.UserError(f"--out {out}: cannot write there ({e.strerror}); choose a writable folder")
+
+
+def build_optimizer(model: torch.nn.Module, method: str, lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices and kernels only, not on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": OPTIMIZERS[method]["weight_decay"]},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+
+
+def save_atomically(state: dict, path: Path) -> None:
+    """torch.save into a temporary file in the same folder, then rename over `path`: a run killed at
+    any moment leaves either the previous checkpoint or the new one, never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, method: str | None = None) -> dict:
+    """Reads a run's last.pt, with one-line errors for a corrupt file or another method's run."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, foreign or tampered files raise many different types
+        raise data.UserError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
+                             "delete it, or start a new run without --resume")
+    if method is not None and state.get("method") != method:
+        raise data.UserError(f"{path} holds a {state.get('method')!r} run, not {method!r}; "
+                             "use the same --method or another --out")
+    return state
+
+
+def calibrate_frozen_encoders(model: torch.nn.Module, dataset, device, log) -> None:
+    """Re-estimates the BatchNorm statistics of random-init frozen encoders on the training images
+    (REFERENCE section 6: sample AUROC 0.78 uncalibrated vs 0.98 calibrated)."""
+    encoders = [m for m in model.modules() if isinstance(m, FrozenEncoder) and m.needs_calibration]
+    if not encoders:
+        return
+    log(f"Calibrating the random-init encoder's BatchNorm statistics on {len(dataset)} training samples")
+    loader = DataLoader(dataset, batch_size=8)
+    for encoder in encoders:
+        encoder.calibrate(batch["images"].flatten(0, 1).to(device) for batch in loader)
+
+
+def training_loss(model, batch: dict, method: str, device: torch.device) -> torch.Tensor:
+    """One batch's scalar loss; IDIF's student also sees the pseudo-anomalous views."""
+    images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, H, W)
+    if method == "idif":
+        return model(images, batch["corrupted"].to(device, non_blocking=True))
+    return model(images)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def main(cfg: TrainConfig) -> dict:
+    """Trains, checkpoints every epoch, evaluates; returns eval.py's metrics dict on rank 0 ({} on
+    the other ranks and with evaluate=False)."""
+    rank, world, local_rank = distributed_context()
+    if cfg.resume:
+        cfg = resumed_config(cfg)
+    cfg = resolve(cfg)
+    if cfg.batch_size % world:
+        raise data.UserError(f"--batch-size {cfg.batch_size}: must be a multiple of the {world} processes")
+    if rank == 0:
+        check_writable(Path(cfg.out))
+    if world > 1:
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    try:
+        device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" and world > 1 else cfg.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return run(cfg, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def resumed_config(cfg: TrainConfig) -> TrainConfig:
+    """The stored run's settings, except what concerns only this process (device, workers, whether
+    to evaluate) and --epochs when given (to extend a run)."""
+    path = Path(resolve(cfg).out) / "last.pt"
+    if not path.is_file():
+        raise data.UserError(f"--resume: no checkpoint at {path}; run without --resume to start a new "
+                             "run, or pass the run's --out")
+    stored = TrainConfig(**load_checkpoint(path, cfg.method)["train"])
+    return dataclasses.replace(stored, resume=True, epochs=cfg.epochs or stored.epochs,
+                               device=cfg.device, workers=cfg.workers, evaluate=cfg.evaluate)
+
+
+def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
+    log = print if rank == 0 else (lambda *args: None)
+    profile = "gpu (the papers' settings)" if device.type == "cuda" else "cpu (small and quick)"
+    log(f"{cfg.method} on {cfg.category}: {profile} profile: image {cfg.image_size}, batch "
+        f"{cfg.batch_size}, {cfg.epochs} epochs, device {device}, {world} process(es)")
+    root = data_root_for(cfg, log)
+    cfg = dataclasses.replace(cfg, data_root=str(root))  # eval.py reads the same folder
+    categories = cfg.category if cfg.category == "all" else cfg.category.split(",")
+    train_set = data.RealIAD(root, categories, "train", image_size=cfg.image_size)
+    if cfg.method == "idif":
+        train_set = data.PseudoAnomalies(train_set, seed=cfg.seed)
+    views = train_set[0]["images"].shape[0]
+
+    torch.manual_seed(cfg.seed)  # the model's initial weights
+    model_cfg = model_config(cfg, views)
+    model = METHODS[cfg.method][1](model_cfg).to(device)
+    lr = cfg.lr or OPTIMIZERS[cfg.method]["base_lr"] * cfg.batch_size * views / 16
+    optimizer = build_optimizer(model, cfg.method, lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [max(1, int(0.8 * cfg.epochs))], gamma=0.1)
+    out = Path(cfg.out)
+    checkpoint_path = out / "last.pt"
+
+    start, history = 0, []
+    if cfg.resume:
+        state = load_checkpoint(checkpoint_path, cfg.method)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, history = state["epoch"], state["history"]
+        log(f"Resuming {checkpoint_path} after epoch {start} of {cfg.epochs}")
+    elif rank == 0:  # DDP's constructor then copies rank 0's calibrated statistics to every rank
+        calibrate_frozen_encoders(model, train_set, device, log)
+
+    ddp = DistributedDataParallel(model) if world > 1 else model
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler,
+                        num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    for epoch in range(start, cfg.epochs):
+        sampler.set_epoch(epoch)
+        if cfg.method == "idif":
+            train_set.set_epoch(epoch)
+        torch.manual_seed(cfg.seed + 1000 * (epoch + 1) + rank)  # dropout, DropPath, view dropout, noise
+        model.train()
+        started, total = time.perf_counter(), 0.0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0, leave=False)
+        for batch in bar:
+            loss = training_loss(ddp, batch, cfg.method, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIMIZERS[cfg.method]["clip"])
+            optimizer.step()
+            total += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        scheduler.step()
+        seconds = time.perf_counter() - started
+        history.append({"epoch": epoch + 1, "loss": total / len(loader), "seconds": seconds,
+                        "samples_per_s": len(sampler) * world / seconds, "lr": optimizer.param_groups[0]["lr"]})
+        log(f"epoch {epoch + 1}/{cfg.epochs}  loss {history[-1]['loss']:.4f}  {seconds:.1f} s  "
+            f"{history[-1]['samples_per_s']:.1f} samples/s")
+        if rank == 0:
+            save_atomically({"method": cfg.method, "config": dataclasses.asdict(model_cfg),
+                             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "seed": cfg.seed,
+                             "history": history, "train": dataclasses.asdict(cfg)}, checkpoint_path)
+            (out / "history.json").write_text(json.dumps(history, indent=1))
+
+    if rank != 0 or not cfg.evaluate:
+        return {}
+    return evaluate_run(EvalConfig(checkpoint=str(checkpoint_path), device=str(device), workers=cfg.workers))
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv=None) -> TrainConfig:
+    d = TrainConfig()
+    fields = "; ".join(f"{c.__name__}: " + ", ".join(f.name for f in dataclasses.fields(c)
+                                                        if f.name not in ("image_size", "weights", "num_views"))
+                       for c, _ in METHODS.values())
+    p = data.ArgumentParser(description=__doc__.split("\n")[0], epilog=f"--set fields: {fields}")
+    p.add_argument("--method", default=d.method, choices=list(METHODS))
+    p.add_argument("--category", default=d.category, help="a Real-IAD category, a comma list, or all")
+    p.add_argument("--data-root", default=d.data_root,
+                   help="Real-IAD folder (holding realiad_<res>/ and realiad_jsons/); without it "
+                        "$REALIAD_ROOT, ./data/realiad, else the built-in synthetic dataset")
+    p.add_argument("--out", default=d.out, help="run folder (None: runs/<method>_<category>)")
+    for name, help_text in (("epochs", "epochs"), ("batch_size", "samples per step (all processes)"),
+                            ("image_size", "input side in pixels")):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                       help=f"{help_text} (None: {PROFILES['gpu'][name]} on GPU, {PROFILES['cpu'][name]} on CPU)")
+    p.add_argument("--lr", type=float, default=d.lr, help="None: base rate x images per step / 16")
+    p.add_argument("--weights", default=d.weights, help="frozen encoder: auto, imagenet, none or a file")
+    p.add_argument("--device", default=d.device, help="None: cuda if available, else cpu")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the evaluation")
+    p.add_argument("--set", dest="model", action="append", default=[], metavar="NAME=VALUE",
+                   help="a field of the method's config, e.g. --set topk=8 --set n_win=8,8,8 (see below)")
+    p.add_argument("--synthetic-train", type=int, default=d.synthetic_train,
+                   help="synthetic data: normal training samples per category")
+    p.add_argument("--synthetic-test", type=int, default=d.synthetic_test,
+                   help="synthetic data: normal and defective test samples per category (each)")
+    args = p.parse_args(argv)
+    args.model = dict(parse_field(METHODS[args.method][0], a) for a in args.model)
+    return TrainConfig(**vars(args))
+
+
+def cli(argv=None) -> int:
+    """The command line: bad input ends in one line `error: ...` on stderr and exit status 2."""
+    return data.run_cli(lambda args: main(parse_args(args)), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
