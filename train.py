@@ -35,12 +35,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
-from eval import EvalConfig
+from eval import METHODS, EvalConfig
 from eval import main as evaluate_run
-from idif import IDIF, IDIFConfig
-from mvad import MVAD, FrozenEncoder, MVADConfig
-
-METHODS = {"mvad": (MVADConfig, MVAD), "idif": (IDIFConfig, IDIF)}
+from mvad import FrozenEncoder
 
 # The defaults that depend on the hardware: "gpu" is the papers' setting (REFERENCE 3, 4); "cpu"
 # trains and evaluates the synthetic default within about five minutes on 2 cores.
