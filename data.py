@@ -24,16 +24,23 @@ Where the dataset and the papers are silent, we chose:
   likewise with nearest-neighbour and `> 0`.
 - Synthetic objects are height fields (no overhangs), one procedural shape per category (OBJECTS),
   rendered by orthographic ray casting with shading and cast shadows: C1 looks straight down, C2..C5
-  look from the four sides at 35 degrees elevation. Normal samples differ only by a small turn and
-  shift, a slight change of light and texture, and sensor noise (JITTER).
+  look from the four sides at 35 degrees elevation. Like Real-IAD's close-up photographs, every
+  camera frames the object so that its longer side fills FILL (80%) of the image. Normal samples
+  differ only by a small turn and shift, a slight change of light and texture, and sensor noise
+  (JITTER), so that 40 training samples cover them.
 - Synthetic defects live on the object's surface in 3-D, so what each camera sees of them follows
-  from geometry: 75% sit on side faces (seen by one or two side cameras), the rest on upward faces
-  (seen by every camera that no taller part blocks). A view shows the defect when at least 0.3% of
-  its pixels do; smaller slivers are left out of its mask and its image (rendered without the defect
-  there), so that image and label agree; a defect that no camera shows is placed again. Kinds, with
-  the Real-IAD codes they stand for: HS scratch (a light or dark line), ZW contamination (an
-  irregular stain), QS missing parts (material cut away), BX deformation (a bulge), CH abrasion (a
-  discoloured patch); defective samples cycle through them. Views that do not show the defect are
+  from geometry: 75% sit on side faces (seen by one or two side cameras; only on faces that are
+  tall, open in front and flat along the defect, not in the gaps of a comb such as zipper teeth),
+  the rest on upward faces (seen by every camera that no taller part blocks). They are sized to be
+  seen at 128 px (4-8% of the object's footprint; scratches >= 0.1 object units wide) and contrast
+  strongly: dark on light surfaces and light on dark ones, a colour far from all of the object's, a
+  dark interior or a hole where material is cut away, a bulge tall enough to change the shading and
+  the outline. A view shows the defect when at least MIN_VISIBLE (0.6%) of its pixels do; smaller
+  slivers are left out of its mask and its image (rendered without the defect there), so that image
+  and label agree; a defect that no camera shows is placed again. Kinds, with the Real-IAD codes
+  they stand for: HS scratch (a light or dark line), ZW contamination (an irregular stain), QS
+  missing parts (material cut away), BX deformation (a bulge), CH abrasion (a discoloured patch);
+  defective samples cycle through them. Views that do not show the defect are
   written the way the release writes them: class "OK", no mask.
 - Pseudo-anomalies: Perlin masks and beta blending as in DRAEM/DeSTSeg; textures are procedural
   (Perlin clouds, stripes, checks), cut from another training image, or read from a local DTD folder.
@@ -427,18 +434,20 @@ def _fbm(height, width, cells, generator):
 # ----------------------------------------------------------------------------------------------------
 # The built-in synthetic Real-IAD: procedural height-field objects, 5 orthographic cameras
 
-EXTENT = 1.15  # half-side of the square patch of table every camera frames (object units)
+EXTENT = 1.25  # half-side of the square patch of table the object stands on (object units)
+FILL = 0.8  # share of each camera's window that the object's longer side fills (close-up photographs)
 CAMERA_POSES = {  # camera: (azimuth of the camera around the object, elevation), degrees
     "C1": (270.0, 90.0), "C2": (270.0, 35.0), "C3": (0.0, 35.0), "C4": (90.0, 35.0), "C5": (180.0, 35.0),
 }
 SYNTH_DEFECTS = ("HS", "ZW", "QS", "BX", "CH")  # scratch, stain, cut-away, bulge, discoloured patch
-MIN_VISIBLE = 0.003  # a view shows a defect when at least this fraction of its pixels does
+MIN_VISIBLE = 0.006  # a view shows a defect when at least this fraction of its pixels does
 MIN_WALL = 0.08  # side faces lower than this do not get defects (they would be slivers)
+OPEN_SPACE = 0.12  # side faces get defects only where the space this far in front of them is free
 WALL_SHARE = 0.75  # share of defects placed on side faces (the others go on upward faces)
 LIGHT = (230.0, 50.0, 0.6)  # key light: azimuth, elevation (degrees), intensity
 JITTER = (  # how much normal samples vary, each uniformly in +-:
-    1.5,  # object turn on the table, degrees
-    0.015,  # object shift, object units (the patch is 2 * EXTENT wide)
+    1.0,  # object turn on the table, degrees
+    0.01,  # object shift, object units (the patch is 2 * EXTENT wide)
     3.0, 2.0,  # light azimuth and elevation, degrees
     0.03,  # light intensity, relative
     0.02,  # albedo blotches, relative (a smooth random field; standard deviation)
@@ -469,7 +478,7 @@ OBJECTS = {  # category: (shape, main colour, accent colour)
     "transistor1": ("plug", "black", "silver"), "u_block": ("block", "grey", "black"),
     "usb": ("plug", "silver", "black"), "usb_adaptor": ("plug", "white", "silver"),
     "vcpill": ("pill", "orange", "white"), "wooden_beads": ("beads", "wood", "wood"),
-    "woodstick": ("pill", "wood", "wood"), "zipper": ("zipper", "navy", "brass"),
+    "woodstick": ("pill", "wood", "wood"), "zipper": ("zipper", "blue", "brass"),
 }
 
 
@@ -511,19 +520,18 @@ def _object_parts(shape, u, v, main, accent, rng):
     def size(low, high):
         return float(rng.uniform(low, high))
 
-    if shape == "zipper":  # two fabric tapes, interlocking teeth along the middle, a slider with a tab
-        weave = 0.92 + 0.08 * torch.sin(2 * math.pi * (u + v) / 0.06).sign()
-        parts = [(_slab(_box(u, v, -0.01, 0.0, 0.99, 0.42, 0.03), 0.04), main, weave)]
-        pitch, chain = 0.11, (u + 0.15).abs() - 0.75  # teeth from x = -0.9 to 0.6
-        for side, phase in ((1.0, 0.0), (-1.0, 0.5)):  # left teeth and right teeth, half a pitch apart
+    if shape == "zipper":  # a close-up of a zipper: fabric tapes, interlocking teeth, a slider with a tab
+        weave = 0.9 + 0.1 * torch.sin(2 * math.pi * (u + v) / 0.05).sign()
+        parts = [(_slab(_box(u, v, 0.0, 0.0, 0.95, 0.62, 0.03), 0.04), main, weave)]
+        pitch, chain = 0.15, (u + 0.3).abs() - 0.64  # teeth from x = -0.94 to 0.34
+        for side, phase in ((1.0, 0.0), (-1.0, 0.5)):  # upper teeth and lower teeth, half a pitch apart
             du = torch.remainder(u + phase * pitch, pitch) - pitch / 2
-            tooth = torch.maximum(_box(du, v, 0.0, side * 0.035, 0.042, 0.08, 0.015), chain)
-            parts.append((_slab(tooth, 0.13, 0.006) + _dome(tooth, 0.03, 0.03), accent, None))
-        body = _box(u, v, 0.76, 0.0, 0.2, 0.15, 0.06)
-        tab = torch.maximum(_box(u, v, 0.52, 0.0, 0.3, 0.07, 0.05), -_box(u, v, 0.33, 0.0, 0.06, 0.03))
-        parts += [(_slab(body, 0.12) + _dome(body, 0.08, 0.1), "silver", None),
-                  (_slab(tab, 0.23), "silver", None),
-                  (_slab(_box(u, v, -0.94, 0.0, 0.025, 0.1), 0.11), accent, None)]
+            tooth = torch.maximum(_box(du, v, 0.0, side * 0.07, 0.05, 0.13, 0.02), chain)
+            parts.append((_slab(tooth, 0.13, 0.008) + _dome(tooth, 0.035, 0.035), accent, None))
+        body = _box(u, v, 0.62, 0.0, 0.26, 0.22, 0.08)
+        tab = torch.maximum(_box(u, v, 0.42, 0.0, 0.36, 0.1, 0.07), -_box(u, v, 0.18, 0.0, 0.08, 0.04))
+        parts += [(_slab(body, 0.14) + _dome(body, 0.09, 0.12), "silver", None),
+                  (_slab(tab, 0.27), "silver", None)]
         return parts
     if shape == "block":  # a rounded box with a raised panel
         hx, hy, height = size(0.55, 0.8), size(0.35, 0.55), size(0.25, 0.4)
@@ -668,43 +676,82 @@ def _camera_angles():
     return torch.tensor(az).deg2rad().view(-1, 1, 1), torch.tensor(el).deg2rad().view(-1, 1, 1)
 
 
-def _rasterize(world):
+def _turned(maps):
+    """The maps turned into each camera's frame: rows run away from the camera (nearest first),
+    columns left to right (the cameras sit at multiples of 90 degrees, so turning is exact).
+    Args: maps (C, N, N). Returns: (V, C, N, N)."""
+    turns = [round(azimuth - 270) // 90 % 4 for azimuth, _ in CAMERA_POSES.values()]  # quarter turns
+    return torch.stack([torch.rot90(maps, k, (-2, -1)) for k in turns])
+
+
+def camera_windows(maps):
+    """Frame the object in every camera, as close-up photographs do: each camera's square screen
+    window is centred on the object's outline in that view, with its longer side FILL of the window.
+
+    Args:
+        maps: (5, N, N) canonical object maps from `object_maps` (channel 0: height).
+    Returns:
+        (V, 3) tensor: horizontal centre, vertical centre and half-side of each window (object units).
+    """
+    n = maps.shape[-1]
+    texel = 2 * EXTENT / n
+    _, el = _camera_angles()
+    h = _turned(maps[0])  # (V, N, N) rows: depth, nearest first
+    body = h > 0.005
+    depth = (EXTENT - (torch.arange(n) + 0.5) * texel).view(1, -1, 1)  # towards the camera, per row
+    a = ((torch.arange(n) + 0.5) * texel - EXTENT).view(1, 1, -1).expand_as(h)  # across, per column
+    top, foot = -el.sin() * depth + el.cos() * h, (-el.sin() * depth).expand_as(h)  # screen heights
+
+    def extent(values):  # (V,) smallest and largest value over the object's texels
+        return (torch.where(body, values, math.inf).amin((1, 2)),
+                torch.where(body, values, -math.inf).amax((1, 2)))
+
+    (a0, a1), (s0, s1) = extent(a), (extent(foot)[0], extent(top)[1])
+    half = torch.maximum(a1 - a0, s1 - s0) / (2 * FILL)
+    return torch.stack([(a0 + a1) / 2, (s0 + s1) / 2, half], 1)
+
+
+def _rasterize(world, windows):
     """Ray-cast the height field into the five orthographic cameras.
 
     Each camera's frame is the world grid turned so that rows run away from the camera and columns
-    run left to right (the cameras sit at multiples of 90 degrees, so turning is exact). A texel at
-    depth w (towards the camera) with height h projects to screen height s = -sin(el) w + cos(el) h
-    and is visible when no nearer texel projects higher (a running maximum along the row). A pixel row
-    at screen height s shows the first texel whose running maximum reaches s, interpolated within
-    the segment from the texel before it.
+    run left to right, then resampled to the columns of the camera's window. A texel at depth w
+    (towards the camera) with height h projects to screen height s = -sin(el) w + cos(el) h and is
+    visible when no nearer texel projects higher (a running maximum along the row). A pixel row at
+    screen height s shows the first texel whose running maximum reaches s, interpolated within the
+    segment from the texel before it.
     Args:
         world: (7, N, N) maps from `_world`: height, albedo r, g, b, shine, light visibility, occlusion.
+        windows: (V, 3) from `camera_windows`: each camera's window centre (across, up) and half-side.
     Returns:
         hit: (V, 3, N, N) world x, y, z of the surface point each pixel sees.
         surface: (V, 8, N, N) albedo r, g, b, shine, light visibility, occlusion, and the height
             slopes along the camera's horizontal axis and towards the camera (the segment's own).
     """
     n = world.shape[-1]
+    views = len(CAMERAS)
     texel = 2 * EXTENT / n
     az, el = _camera_angles()
-    turns = [round(azimuth - 270) // 90 % 4 for azimuth, _ in CAMERA_POSES.values()]  # quarter turns
-    frames = torch.stack([torch.rot90(world, k, (-2, -1)) for k in turns])  # (V, 7, N, N)
+    centre_a, centre_s, half = (windows[:, k].view(-1, 1, 1) for k in range(3))  # (V, 1, 1) each
+    a = centre_a + half * _grid(n).view(1, 1, n)  # (V, 1, N) horizontal position of each column
+    columns = torch.stack(torch.broadcast_tensors(a / EXTENT, _grid(n).view(1, n, 1)), -1)  # (V, N, N, 2)
+    frames = F.grid_sample(_turned(world), columns, padding_mode="border", align_corners=False)
     h = frames[:, 0].contiguous()  # (V, N, N) rows: depth, nearest first
-    slope_a = torch.gradient(h, spacing=texel, dim=2)[0]
+    slope_a = torch.gradient(h, dim=2)[0] / (2 * half / n)
     slope_w = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1] - h[:, 1:]], 1) / texel
     depth = EXTENT - (torch.arange(n) + 0.5) * texel  # (N,) towards the camera, per row
     s = -el.sin() * depth.view(1, -1, 1) + el.cos() * h  # (V, N, N) screen height of each texel
-    rows = depth.view(1, 1, n).expand(len(turns), n, n).contiguous()  # screen height of each pixel row
-    idx = torch.searchsorted(s.cummax(1).values.transpose(1, 2).contiguous(), rows).transpose(1, 2)
+    rows = (centre_s - half * _grid(n).view(1, n, 1)).expand(views, n, n)  # screen height per pixel row
+    idx = torch.searchsorted(s.cummax(1).values.transpose(1, 2).contiguous(),
+                             rows.transpose(1, 2).contiguous()).transpose(1, 2)
     last = idx.clamp(max=n - 1)  # idx == n: the pixel sees past the far edge of the table patch
     prev = (idx - 1).clamp(min=0)
     s_idx, s_prev = s.gather(1, last), s.gather(1, prev)
-    t = ((rows.transpose(1, 2) - s_prev) / (s_idx - s_prev)).nan_to_num(1.0).clamp(0, 1)
+    t = ((rows - s_prev) / (s_idx - s_prev)).nan_to_num(1.0).clamp(0, 1)
     z = torch.lerp(h.gather(1, prev), h.gather(1, last), t) * (idx < n)  # (V, N, N)
     w = EXTENT - (torch.lerp(prev.float(), idx.float(), t) + 0.5) * texel  # depth of the hit
-    a = (torch.arange(n) + 0.5) * texel - EXTENT  # (N,) horizontal position, per column
     x, y = -az.sin() * a + az.cos() * w, az.cos() * a + az.sin() * w
-    channels = torch.empty(len(turns), 8, n + 1, n)  # one extra row: what lies beyond the patch
+    channels = torch.empty(views, 8, n + 1, n)  # one extra row: what lies beyond the patch
     channels[:, :6, :n], channels[:, 6, :n], channels[:, 7, :n] = frames[:, 1:], slope_a, slope_w
     channels[:, :, n] = torch.tensor(BACKGROUND).view(1, 8, 1)
     surface = channels.gather(2, idx[:, None].expand(-1, 8, -1, -1))  # (V, 8, N, N)
@@ -751,17 +798,18 @@ def _frame(normal, rng):
 def _place_defect(world, code, rng, generator):
     """Choose where a defect sits on the posed object and how big it is.
 
-    A share WALL_SHARE of the defects sits on a side face tall enough to hold them (seen by one or
-    two side cameras), the others on an upward face (seen by every camera that a taller part does
-    not block).
+    A share WALL_SHARE of the defects sits on a side face tall enough to hold them, with free space
+    in front (OPEN_SPACE) and facing one way along the defect's length (shortened to fit, or another
+    face is drawn): seen by one or two side cameras. The others sit on an upward face, seen by every
+    camera that a taller part does not block.
     Args:
         world: (7, N, N) posed maps from `_world`.
         code: one of SYNTH_DEFECTS.
         rng: numpy Generator; generator: torch.Generator (for the defect's outline noise).
     Returns:
         dict: code, centre (3,), normal n, tangents t1, t2, radii r1 (along t1), r2 (along t2),
-        rn (thickness along n), radius (the nominal size), wall (on a side face?), paint colour (3,),
-        outline gradients.
+        rn (thickness along n), radius (the nominal size), wall (on a side face?), paint colour (3,)
+        (None for stains and scratches: `_paint` chooses it), outline gradients.
     """
     h = world[0]
     n = h.shape[-1]
@@ -771,18 +819,38 @@ def _place_defect(world, code, rng, generator):
     high = F.max_pool2d(F.max_pool2d(h[None], (9, 1), 1, (4, 0)), (1, 9), 1, (0, 4))[0]
     low = -F.max_pool2d(F.max_pool2d(-h[None], (9, 1), 1, (4, 0)), (1, 9), 1, (0, 4))[0]
     body = h > 0.015
-    walls = (slope > 2.0) & (high - low > MIN_WALL)
+    outward = OPEN_SPACE / texel / slope.clamp(min=1e-6)  # texels per unit of downhill gradient
+    ahead = h[(torch.arange(n).view(-1, 1) - outward * gy).round().long().clamp(0, n - 1),
+              (torch.arange(n).view(1, -1) - outward * gx).round().long().clamp(0, n - 1)]
+    walls = (slope > 2.0) & (high - low > MIN_WALL) & (ahead < low + 0.25 * (high - low))
+    radius = math.sqrt(rng.uniform(0.04, 0.08) * float(body.sum()) * texel ** 2 / math.pi)
+    out_x, out_y = -gx / slope.clamp(min=1e-6), -gy / slope.clamp(min=1e-6)  # outward wall normals
     on_wall = bool(walls.any()) and rng.random() < WALL_SHARE
-    candidates = torch.nonzero(walls if on_wall else body & (slope < 0.6))
-    i, j = candidates[rng.integers(len(candidates))].tolist()
-    x, y = (j + 0.5) * texel - EXTENT, (i + 0.5) * texel - EXTENT
-    radius = math.sqrt(rng.uniform(0.03, 0.06) * float(body.sum()) * texel ** 2 / math.pi)
-    if on_wall:
-        normal = np.array([-gx[i, j].item(), -gy[i, j].item(), 0.0]) / slope[i, j].item()
-        z = low[i, j].item() + rng.uniform(0.35, 0.65) * (high[i, j] - low[i, j]).item()
-        r2 = min(radius, 0.4 * (high[i, j] - low[i, j]).item())  # vertical extent fits the face
-        r1 = min(radius * radius / r2, 2.5 * radius)
+    candidates = torch.nonzero(walls)
+    for _ in range(20 if on_wall else 0):  # a side face facing one way along the defect, or a shorter one
+        i, j = candidates[rng.integers(len(candidates))].tolist()
+        r2 = min(radius, 0.45 * (high[i, j] - low[i, j]).item())  # vertical extent fits the face
+        r1 = 2.5 * radius if code == "HS" else min(radius * radius / r2, 3.0 * radius)
+        facing = walls & (out_x * out_x[i, j] + out_y * out_y[i, j] > 0.75)
+        facing = F.max_pool2d(facing[None].float(), 5, 1, 2)[0] > 0  # (N, N), a few texels of slack
+        along = torch.arange(1, int(r1 / texel) + 1, 2.0)  # texels along the face, one way
+        along = torch.stack([along, -along])  # (2, K): both ways
+        rows = (i + along * out_x[i, j]).round().long().clamp(0, n - 1)
+        cols = (j - along * out_y[i, j]).round().long().clamp(0, n - 1)
+        reach = facing[rows, cols].long().cumprod(1).sum(1).min().item() * 2 * texel  # along both ways
+        if reach >= max(r2, 0.5 * radius):
+            r1 = min(r1, reach)
+            break
     else:
+        on_wall = False
+    if on_wall:
+        x, y = (j + 0.5) * texel - EXTENT, (i + 0.5) * texel - EXTENT
+        normal = np.array([out_x[i, j].item(), out_y[i, j].item(), 0.0])
+        z = low[i, j].item() + rng.uniform(0.35, 0.65) * (high[i, j] - low[i, j]).item()
+    else:
+        candidates = torch.nonzero(body & (slope < 0.6))
+        i, j = candidates[rng.integers(len(candidates))].tolist()
+        x, y = (j + 0.5) * texel - EXTENT, (i + 0.5) * texel - EXTENT
         normal = np.array([-gx[i, j].item(), -gy[i, j].item(), 1.0])
         normal /= np.linalg.norm(normal)
         z = h[i, j].item()
@@ -790,13 +858,11 @@ def _place_defect(world, code, rng, generator):
         r2 = radius * radius / r1
     t1, t2 = _frame(normal, rng)
     if code == "HS":  # a scratch: long and thin
-        r1, r2 = 2.0 * radius, min(max(0.04, 0.2 * radius), r2)
-    albedo = world[1:4, i, j]
-    if code == "CH":  # discoloured: the saturated colour farthest from the surface's own
+        r1, r2 = min(2.5 * radius, r1) if on_wall else 2.5 * radius, min(max(0.05, 0.25 * radius), r2)
+    paint = None  # stains and scratches: chosen by `_paint` against the surface they cover
+    if code == "CH":  # discoloured: the saturated colour farthest from every colour of the object
         palette = torch.tensor([COLOURS[c][0] for c in ("red", "blue", "green", "yellow", "orange")])
-        paint = palette[(palette - albedo).norm(dim=1).argmax()]
-    else:  # stains and scratches: dark on light surfaces, light on dark ones
-        paint = torch.tensor([0.12, 0.08, 0.05] if albedo.mean() > 0.4 else [0.95, 0.92, 0.85])
+        paint = palette[torch.cdist(palette, world[1:4, body].T).amin(1).argmax()]
     return {"code": code, "centre": np.array([x, y, z]), "n": normal, "t1": t1, "t2": t2, "r1": r1,
             "r2": r2, "rn": max(0.5 * min(r1, r2), 0.03), "radius": radius, "wall": on_wall,
             "paint": paint, "outline": _gradients(8, generator)}
@@ -848,11 +914,11 @@ def _deform(maps, defect):
         floor = max(defect["centre"][2] - (defect["r2"] if defect["wall"] else 0.8 * defect["radius"]), 0.0)
         cut = (q < 1) & (h > floor + 0.005)
         maps[0] = torch.where(cut, torch.full_like(h, floor), h)
-        exposed = torch.tensor(TABLE).view(3, 1, 1) if floor < 0.005 else maps[1:4] * 0.45  # darker inside
+        exposed = torch.tensor(TABLE).view(3, 1, 1) if floor < 0.005 else maps[1:4] * 0.3  # darker inside
         maps[1:4] = torch.where(cut, exposed, maps[1:4])
         maps[4] = torch.where(cut, 0.0, maps[4])
     else:  # a smooth bump on the object (not on the table)
-        maps[0] = h + 0.8 * defect["radius"] * (1 - q * q).clamp(min=0) ** 2 * (h > 0.01)
+        maps[0] = h + 1.2 * defect["radius"] * (1 - q * q).clamp(min=0) ** 2 * (h > 0.01)
     return maps
 
 
@@ -874,14 +940,19 @@ def _paint(defect, hit, surface):
         inside = torch.zeros_like(near)
         inside[near] = torch.hypot(q1[near], q2[near]) < _outline(defect, q1[near], q2[near])
     inside &= hit[:, 2] > 0.005  # on the object, not on the table
-    strength = 0.85 if defect["code"] == "CH" else 0.95
-    paint = torch.lerp(surface[:, RGB_], defect["paint"].view(1, 3, 1, 1), strength)
+    colour = defect["paint"]
+    if colour is None:  # stains and scratches: dark on light surfaces, light on dark ones
+        light = surface[:, RGB_].transpose(0, 1)[:, inside].mean() > 0.45
+        colour = torch.tensor([0.12, 0.08, 0.05] if light else [0.95, 0.92, 0.85])
+    strength = 0.9 if defect["code"] == "CH" else 0.95
+    paint = torch.lerp(surface[:, RGB_], colour.view(1, 3, 1, 1), strength)
     surface = surface.clone()
     surface[:, RGB_] = torch.where(inside[:, None], paint, surface[:, RGB_])
+    surface[:, SHINE_] = torch.where(inside, 0.1, surface[:, SHINE_])  # matte: no metallic highlight
     return surface, inside
 
 
-def _defect_view(maps, world, surface, hit, light, code, rng, generator):
+def _defect_view(maps, world, surface, hit, light, windows, code, rng, generator):
     """Place a defect and find what each camera sees of it.
 
     Returns:
@@ -891,7 +962,7 @@ def _defect_view(maps, world, surface, hit, light, code, rng, generator):
     n = world.shape[-1]
     defect = _place_defect(world, code, rng, generator)
     if code in ("QS", "BX"):
-        hit_d, surface_d = _rasterize(_world(_deform(maps, defect), light))
+        hit_d, surface_d = _rasterize(_world(_deform(maps, defect), light), windows)
         moved = (hit_d - hit).abs() > 0.01  # (V, 3, N, N)
         masks = moved[:, 0] | moved[:, 1] | moved[:, 2]  # the pixel sees another surface point
     else:
@@ -922,12 +993,14 @@ def render_sample(category_maps, code, rng):
              math.radians(elevation + rng.uniform(-light_tilt, light_tilt)),
              intensity * (1 + rng.uniform(-exposure, exposure)))
     world = _world(maps, light)
-    hit, surface = _rasterize(world)
+    windows = camera_windows(category_maps)
+    hit, surface = _rasterize(world, windows)
     images = _shade(surface, light)
     masks = torch.zeros(len(CAMERAS), n, n, dtype=torch.bool)
     if code is not None:
         for _ in range(10):  # place the defect again (at most 10 times) while no camera shows it
-            surface_d, masks = _defect_view(maps, world, surface, hit, light, code, rng, generator)
+            surface_d, masks = _defect_view(maps, world, surface, hit, light, windows, code, rng,
+                                                  generator)
             if masks.any():
                 break
         images = torch.where(masks[:, None], _shade(surface_d, light), images)
@@ -1036,7 +1109,7 @@ def visibility_stats(root, category):
     return counts
 
 
-SYNTH_VERSION = 2  # part of the cache key: bump it when the generator changes what it writes
+SYNTH_VERSION = 3  # part of the cache key: bump it when the generator changes what it writes
 
 
 def synthetic_root(category, cache_dir=None, n_train=40, n_test_normal=30, n_test_defect=30,

@@ -1,8 +1,10 @@
 """Tests of data.py: the Real-IAD loader on a tree written here, the synthetic dataset, pseudo-anomalies."""
 import json
+import math
 import random
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -284,9 +286,43 @@ def test_defects_on_side_faces_are_seen_by_few_cameras(tmp_path):
 def test_default_defects_are_sizeable_where_visible(default_defects):
     base = default_defects / "realiad_256" / "zipper"
     entries = json.loads((default_defects / "realiad_jsons" / "zipper.json").read_text())["test"]
-    shown = torch.stack([data.load_mask(base / e["mask_path"], 256).mean()
-                         for e in entries if e["mask_path"]])  # (views that show a defect,)
-    assert shown.min() >= data.MIN_VISIBLE and shown.median() > 0.004  # not single pixels
+    shown = torch.stack([data.load_mask(base / e["mask_path"], 128).mean()
+                         for e in entries if e["mask_path"]])  # (views that show a defect,) at 128 px
+    assert shown.min() >= 0.8 * data.MIN_VISIBLE and shown.median() > 0.012  # blobs, not slivers
+
+
+@pytest.mark.parametrize("category", ["zipper", "eraser"])
+def test_defects_contrast_with_the_same_sample_without_them(category):
+    """Render the first defective samples of the default split at 128 px, and each again without its
+    defect (same pose, light and texture): the shown pixels must differ clearly."""
+    maps = data.object_maps(category, 128)
+    contrasts = []
+    for index in range(10):  # two of each kind
+        seed = [0, zlib.crc32(category.encode()), 2, index]  # the seeds `synthesize` gives them
+        images, masks = data.render_sample(maps, data.SYNTH_DEFECTS[index % 5], np.random.default_rng(seed))
+        normal, empty = data.render_sample(maps, None, np.random.default_rng(seed))
+        assert masks.any() and not empty.any()
+        change = np.abs(images.astype(float) - normal).max(-1) / 255  # (V, N, N)
+        for view in np.nonzero(masks.any((1, 2)))[0]:
+            assert masks[view].mean() >= data.MIN_VISIBLE
+            contrasts.append(change[view][masks[view]].mean())
+        assert change[~masks].mean() < 0.02  # elsewhere only sensor noise
+    assert min(contrasts) > 0.05 and np.median(contrasts) > 0.3
+
+
+@pytest.mark.parametrize("category", ["zipper", "bottle_cap", "pcb", "eraser", "toothbrush"])
+def test_cameras_frame_the_object_close_up(category):
+    """Every camera frames the object like a close-up photograph: its longer side fills 70-88% of the
+    image (FILL, up to the height-field sampling) in every view, and all of it is in the picture."""
+    maps = data.object_maps(category, 96)
+    world = data._world(maps, (math.radians(230), math.radians(50), 0.6))
+    hit, _ = data._rasterize(world, data.camera_windows(maps))
+    silhouette = hit[:, 2] > 0.005  # (V, N, N) pixels that see the object
+    for view in range(len(data.CAMERAS)):
+        rows, cols = silhouette[view].any(1).nonzero(), silhouette[view].any(0).nonzero()
+        extent = max(rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) / 96
+        assert 0.7 <= extent <= 0.88, (category, view, extent)
+        assert rows.min() > 0 and cols.min() > 0 and rows.max() < 95 and cols.max() < 95  # all of it
 
 
 def test_synthetic_root_generates_once(tmp_path, monkeypatch):
