@@ -88,6 +88,34 @@ def window_unpartition(windows: torch.Tensor, n_win: int, h: int, w: int) -> tor
     return x[..., :h, :w, :]  # (..., h, w, C)
 
 
+def mvas_routing(q: torch.Tensor, kv: torch.Tensor, topk: int,
+                 present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MVAS routing: correlates every query window with every window of the other views on
+    mean-pooled features and keeps the top-k candidates per query window. No learnable parameters.
+
+    Args:
+        q: (N, A, T, C) the query view's windows (`window_partition`), A = a*a.
+        kv: (N, M, T, C) the windows of all other views together, view-major (M = (V-1) a*a).
+        topk: k, clamped to M.
+        present: optional (N, M) bool, False for the windows of missing views (our extension:
+            their logits are -inf, so they are chosen only when fewer than k others exist).
+    Returns:
+        A_c: (N, A, M) the correlation logits (mean-pooled q * C^-0.5) @ (mean-pooled kv)^T.
+        index: (N, A, k) I_m^K, the selected candidate windows per query window.
+    """
+    C = q.shape[-1]
+    # A_c = A_s (A_m)^T on mean-pooled windows (padded zeros count in the mean); the pooled
+    # features are detached: the routing is an index choice, not a learned path
+    q_win = q.detach().mean(dim=2)  # (N, A, C)
+    kv_win = kv.detach().mean(dim=2)  # (N, M, C)
+    logits = (q_win * C ** -0.5) @ kv_win.transpose(1, 2)  # (N, A, M), the FULL C as in the code
+    if present is not None:
+        logits = logits.masked_fill(~present[:, None, :], float("-inf"))
+    # the official code computes softmax routing weights too but never uses them: left out
+    index = logits.topk(min(topk, kv.shape[1]), dim=-1).indices  # (N, A, k)
+    return logits, index
+
+
 def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: int,
                    num_heads: int = 8, view_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-View Adaptive Selection: each window of the query view attends to the tokens of the
@@ -107,7 +135,6 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
         (N, H, W, C) the attention output (no output projection).
     """
     N, H, W, C = query.shape
-    n_other = others.shape[1]
     # the official code scales by C^-0.5 with the FULL channel dim, for the routing and for every
     # head (standard multi-head attention would use d^-0.5); we follow the code
     scale = C ** -0.5
@@ -117,18 +144,10 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
     kv = window_partition(others, n_win).flatten(1, 2)  # (N, (V-1)*a*a, T, C), view-major
     _, A, T, _ = q.shape
 
-    # STEP 2: routing, A_c = A_s (A_m)^T on mean-pooled windows (padded zeros count in the mean);
-    # the pooled features are detached: the routing is an index choice, not a learned path
-    q_win = q.detach().mean(dim=2)  # (N, A, C)
-    kv_win = kv.detach().mean(dim=2)  # (N, (V-1)*A, C)
-    logits = (q_win * scale) @ kv_win.transpose(1, 2)  # (N, A, (V-1)*A)
-    if view_mask is not None:
-        present = view_mask.repeat_interleave(A, dim=1)  # (N, (V-1)*A) per candidate window
-        logits = logits.masked_fill(~present[:, None, :], float("-inf"))
-    k = min(topk, n_other * A)
-    # I_m^K = TopK_Index(A_c); the official code computes softmax routing weights too but never
-    # uses them, so they are left out
-    index = logits.topk(k, dim=-1).indices  # (N, A, k)
+    # STEP 2: routing, A_c and I_m^K = TopK_Index(A_c) (see `mvas_routing`)
+    present = None if view_mask is None else view_mask.repeat_interleave(A, dim=1)  # (N, (V-1)*A)
+    _, index = mvas_routing(q, kv, topk, present)  # (N, A, k)
+    k = index.shape[-1]
 
     # STEP 3: gather the selected windows' raw tokens: K_m^K = V_m^K
     gather_index = index.reshape(N, A * k, 1, 1).expand(-1, -1, T, C)

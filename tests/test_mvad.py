@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data import UserError
 from mvad import (MVAD, FrozenEncoder, MVADConfig, cosine_distance_map, cross_attention_flops,
-                  drop_path, full_cross_attention, gaussian_blur, mvas_attention, mvas_flops,
+                  drop_path, full_cross_attention, gaussian_blur, mvas_attention, mvas_flops, mvas_routing,
                   seminar_flops_cross_attention, seminar_flops_mvas, seminar_flops_mvas_bound,
                   sine_position_embedding, window_partition, window_unpartition)
 
@@ -157,6 +157,14 @@ def test_mvas_routing_selects_the_most_correlated_window():
     q = window_partition(query, 2)
     expected = ((q * 8 ** -0.5) @ win.transpose(-1, -2)).softmax(-1) @ win
     torch.testing.assert_close(out, window_unpartition(expected, 2, 6, 6))
+
+    # mvas_routing on its own: the logits are the scaled dot products of the mean-pooled windows
+    # (padding included), the index their top-k, view-major over the other views' windows
+    logits, index = mvas_routing(q, window_partition(others, 2).flatten(1, 2), topk=3)
+    pooled_q, pooled_kv = q.mean(2), window_partition(others, 2).flatten(1, 2).mean(2)
+    torch.testing.assert_close(logits, pooled_q @ pooled_kv.transpose(1, 2) / 8 ** 0.5)
+    assert index.shape == (1, 4, 3)
+    assert index[0, :, 0].tolist() == [4, 5, 6, 7]  # each query window's own copy in view 1
 
 
 # ----------------------------------------------------------------------------- FLOPs
