@@ -112,9 +112,15 @@ def test_set_parses_config_fields():
 
 def test_cpu_profile_is_used_without_a_gpu():
     cfg = train.resolve(train.TrainConfig(method="mvad", device="cpu"))
-    assert (cfg.image_size, cfg.batch_size, cfg.epochs) == tuple(
-        train.PROFILES["cpu"][k] for k in ("image_size", "batch_size", "epochs"))
+    assert (cfg.image_size, cfg.batch_size, cfg.epochs, cfg.view_norm) == tuple(
+        train.PROFILES["cpu"][k] for k in ("image_size", "batch_size", "epochs", "view_norm"))
     assert cfg.out == "runs/mvad_zipper"
+
+
+def test_flags_override_the_profile():
+    cfg = train.resolve(train.parse_args(["--device", "cpu", "--no-view-norm", "--epochs", "3"]))
+    assert cfg.view_norm is False and cfg.epochs == 3
+    assert train.resolve(train.parse_args(["--device", "cpu"])).view_norm is train.PROFILES["cpu"]["view_norm"]
 
 
 def run_cli(*args, cwd=ROOT, env=None, timeout=120):
