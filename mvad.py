@@ -105,7 +105,9 @@ def mvas_routing(q: torch.Tensor, kv: torch.Tensor, topk: int,
     """
     C = q.shape[-1]
     # A_c = A_s (A_m)^T on mean-pooled windows (padded zeros count in the mean); the pooled
-    # features are detached: the routing is an index choice, not a learned path
+    # features are detached: the routing is an index choice, not a learned path. With the official
+    # window counts some windows hold padding only (27 of 196 at 64x64 with a = 14): they are
+    # candidates with logit 0, picked when every real window scores below 0, as in the official code
     q_win = q.detach().mean(dim=2)  # (N, A, C)
     kv_win = kv.detach().mean(dim=2)  # (N, M, C)
     logits = (q_win * C ** -0.5) @ kv_win.transpose(1, 2)  # (N, A, M), the FULL C as in the code
@@ -409,7 +411,8 @@ class FrozenEncoder(nn.Module):
                 if weights == "imagenet":
                     raise UserError(f"--weights imagenet: the ImageNet {arch} file is missing and cannot "
                                     f"be downloaded ({type(e).__name__}); put {where}, or use --weights auto")
-                print(f"warning: ImageNet {arch} weights not found ({file}); continuing with a random-init "
+                print(f"warning: ImageNet {arch} weights not found ({file}) and the download failed "
+                      f"({type(e).__name__}); continuing with a random-init "
                       f"encoder whose BatchNorm statistics will be calibrated on the training images. "
                       f"For the paper's setting put {where}", file=sys.stderr)
                 return None
