@@ -195,6 +195,32 @@ def build_optimizer(model: torch.nn.Module, method: str, lr: float) -> torch.opt
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
 
 
+def training_set(cfg: TrainConfig, root: Path):
+    """The training split of the run's categories; for IDIF wrapped in its pseudo-anomalies."""
+    categories = cfg.category if cfg.category == "all" else cfg.category.split(",")
+    train_set = data.RealIAD(root, categories, "train", image_size=cfg.image_size)
+    return data.PseudoAnomalies(train_set, seed=cfg.seed) if cfg.method == "idif" else train_set
+
+
+def build_model(cfg: TrainConfig, views: int, device) -> tuple:
+    """(the method's config, the model seeded from --seed and placed on `device`, its AdamW)."""
+    torch.manual_seed(cfg.seed)  # the model's initial weights
+    model_cfg = model_config(cfg, views)
+    model = place(METHODS[cfg.method][1](model_cfg), device)
+    lr = cfg.lr or default_lr(cfg.method, cfg.batch_size, views)
+    return model_cfg, model, build_optimizer(model, cfg.method, lr)
+
+
+def train_step(net: torch.nn.Module, optimizer, batch: dict, method: str, device) -> torch.Tensor:
+    """One optimisation step (net: the model or its DDP wrapper); returns the loss."""
+    loss = training_loss(net, batch, method, device)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), OPTIMIZERS[method]["clip"])
+    optimizer.step()
+    return loss
+
+
 def save_atomically(state: dict, path: Path) -> None:
     """torch.save into a temporary file in the same folder, then rename over `path`: a run killed at
     any moment leaves either the previous checkpoint or the new one, never half a file."""
@@ -288,17 +314,9 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
         f"{world} process(es)")
     root = data_root_for(cfg, log)
     cfg = dataclasses.replace(cfg, data_root=str(root))  # eval.py reads the same folder
-    categories = cfg.category if cfg.category == "all" else cfg.category.split(",")
-    train_set = data.RealIAD(root, categories, "train", image_size=cfg.image_size)
-    if cfg.method == "idif":
-        train_set = data.PseudoAnomalies(train_set, seed=cfg.seed)
+    train_set = training_set(cfg, root)
     views = train_set[0]["images"].shape[0]
-
-    torch.manual_seed(cfg.seed)  # the model's initial weights
-    model_cfg = model_config(cfg, views)
-    model = place(METHODS[cfg.method][1](model_cfg), device)
-    lr = cfg.lr or default_lr(cfg.method, cfg.batch_size, views)
-    optimizer = build_optimizer(model, cfg.method, lr)
+    model_cfg, model, optimizer = build_model(cfg, views, device)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [max(1, int(0.8 * cfg.epochs))], gamma=0.1)
     out = Path(cfg.out)
     checkpoint_path = out / "last.pt"
@@ -327,11 +345,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
         started, total = time.perf_counter(), 0.0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0, leave=False)
         for batch in bar:
-            loss = training_loss(ddp, batch, cfg.method, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIMIZERS[cfg.method]["clip"])
-            optimizer.step()
+            loss = train_step(ddp, optimizer, batch, cfg.method, device)
             total += loss.item()
             bar.set_postfix(loss=f"{loss.item():.4f}")
         scheduler.step()

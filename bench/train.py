@@ -3,9 +3,9 @@
     python bench/train.py [--quick] [--device cpu|cuda] [--out bench/results]
 
 Set-up as train.py builds it: `train.TrainConfig` (weights="none": no downloads; the random encoder is
-not calibrated, which does not change the cost), `train.model_config`, `train.METHODS`,
-`train.build_optimizer` with train.py's learning-rate rule, and a step of `train.training_loss`,
-backward, gradient clipping and AdamW, as in train.py's loop. Data: one batch of the synthetic zipper
+not calibrated, which does not change the cost), `train.training_set`, `train.build_model` (model,
+learning-rate rule, AdamW) and `train.train_step` (loss, backward, gradient clipping, AdamW), the
+pieces train.py's loop is made of. Data: one batch of the synthetic zipper
 train split (40 samples; IDIF's with pseudo-anomalies), loaded once and reused, so the figures are
 compute only (bench/data.py measures loading). Sizes: 128 px (batch 4) and 256 px (batch 2) on a CPU,
 batch 8 (the papers') on CUDA; --quick: 64 px, batch 2.
@@ -62,25 +62,17 @@ def build(method: str, image_size: int, batch_size: int, device: str, layout: st
     memory format where train.py would use channels-last (eval.place), for the before/after."""
     cfg = train.resolve(train.TrainConfig(method=method, image_size=image_size, batch_size=batch_size,
                                           weights="none", device=device))
-    dataset = data.RealIAD(data.synthetic_root("zipper"), ["zipper"], "train", image_size=image_size)
-    if method == "idif":
-        dataset = data.PseudoAnomalies(dataset, seed=cfg.seed)
-    views = dataset[0]["images"].shape[0]
-    torch.manual_seed(cfg.seed)
-    model = train.METHODS[method][1](train.model_config(cfg, views))
-    model = (train.place(model, device) if layout == "train.py" else model.to(device)).train()
-    optimizer = train.build_optimizer(model, method, train.default_lr(method, batch_size, views))
+    dataset = train.training_set(cfg, data.synthetic_root("zipper"))
+    _, model, optimizer = train.build_model(cfg, dataset[0]["images"].shape[0], device)
+    if layout == "contiguous":
+        model.to(memory_format=torch.contiguous_format)
     batch = next(iter(DataLoader(dataset, batch_size=batch_size)))
-    return model, optimizer, batch
+    return model.train(), optimizer, batch
 
 
 def step(model, optimizer, batch, method: str, device: str) -> None:
     """One training step of train.py's loop."""
-    loss = train.training_loss(model, batch, method, torch.device(device))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), train.OPTIMIZERS[method]["clip"])
-    optimizer.step()
+    train.train_step(model, optimizer, batch, method, torch.device(device))
 
 
 def part_modules(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module]]:
