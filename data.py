@@ -1112,6 +1112,14 @@ def visibility_stats(root, category):
 SYNTH_VERSION = 3  # part of the cache key: bump it when the generator changes what it writes
 
 
+def default_real_iad() -> Path | None:
+    """The Real-IAD folder found without a flag: $REALIAD_ROOT, else ./data/realiad; None if neither exists."""
+    for candidate in (os.environ.get("REALIAD_ROOT"), "data/realiad"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
 def synthetic_root(category, cache_dir=None, n_train=40, n_test_normal=30, n_test_defect=30,
                    resolution=256, seed=0):
     """The built-in synthetic dataset, generated once into a cache folder and reused.

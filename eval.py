@@ -33,7 +33,6 @@ Shape legend: N maps, B samples, V views, H/W map size, S samples in a dataset.
 """
 import json
 import math
-import os
 import re
 import sys
 from collections import defaultdict
@@ -681,9 +680,9 @@ def find_data_root(data_root: str | None, run: dict, category: str) -> Path:
             raise data.UserError(f"the run's data root {run['data_root']} (from the checkpoint) does not "
                                  "exist here; pass --data-root with the Real-IAD folder")
         return Path(run["data_root"])
-    for candidate in (os.environ.get("REALIAD_ROOT"), "data/realiad"):
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
+    found = data.default_real_iad()
+    if found is not None:
+        return found
     root = data.synthetic_root(category, n_train=run.get("synthetic_train", 40),
                                n_test_normal=run.get("synthetic_test", 30),
                                n_test_defect=run.get("synthetic_test", 30))

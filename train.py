@@ -152,10 +152,7 @@ def find_real_iad(data_root: str | None) -> Path | None:
             raise data.UserError(f"--data-root {data_root}: no such folder; pass the folder that holds "
                                  "realiad_<res>/ and realiad_jsons/ (see README)")
         return Path(data_root)
-    for candidate in (os.environ.get("REALIAD_ROOT"), "data/realiad"):
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    return None
+    return data.default_real_iad()
 
 
 def data_root_for(cfg: TrainConfig, log) -> Path:
