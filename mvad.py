@@ -88,34 +88,80 @@ def window_unpartition(windows: torch.Tensor, n_win: int, h: int, w: int) -> tor
     return x[..., :h, :w, :]  # (..., h, w, C)
 
 
-def mvas_routing(q: torch.Tensor, kv: torch.Tensor, topk: int,
+def mvas_routing(q_pooled: torch.Tensor, kv_pooled: torch.Tensor, topk: int,
                  present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MVAS routing: correlates every query window with every window of the other views on
     mean-pooled features and keeps the top-k candidates per query window. No learnable parameters.
 
     Args:
-        q: (N, A, T, C) the query view's windows (`window_partition`), A = a*a.
-        kv: (N, M, T, C) the windows of all other views together, view-major (M = (V-1) a*a).
+        q_pooled: (N, A, C) the query view's windows (`window_partition`, A = a*a) averaged over
+            their T tokens (padded zeros count in the mean, as in the official code).
+        kv_pooled: (N, M, C) the same for the windows of all other views together, view-major
+            (M = (V-1) a*a).
         topk: k, clamped to M.
         present: optional (N, M) bool, False for the windows of missing views (our extension:
             their logits are -inf, so they are chosen only when fewer than k others exist).
     Returns:
-        A_c: (N, A, M) the correlation logits (mean-pooled q * C^-0.5) @ (mean-pooled kv)^T.
+        A_c: (N, A, M) the correlation logits (q_pooled * C^-0.5) @ kv_pooled^T.
         index: (N, A, k) I_m^K, the selected candidate windows per query window.
     """
-    C = q.shape[-1]
-    # A_c = A_s (A_m)^T on mean-pooled windows (padded zeros count in the mean); the pooled
-    # features are detached: the routing is an index choice, not a learned path. With the official
-    # window counts some windows hold padding only (27 of 196 at 64x64 with a = 14): they are
-    # candidates with logit 0, picked when every real window scores below 0, as in the official code
-    q_win = q.detach().mean(dim=2)  # (N, A, C)
-    kv_win = kv.detach().mean(dim=2)  # (N, M, C)
-    logits = (q_win * C ** -0.5) @ kv_win.transpose(1, 2)  # (N, A, M), the FULL C as in the code
+    C = q_pooled.shape[-1]
+    # A_c = A_s (A_m)^T; the pooled features are detached: the routing is an index choice, not a
+    # learned path. With the official window counts some windows hold padding only (27 of 196 at
+    # 64x64 with a = 14): they are candidates with logit 0, picked when every real window scores
+    # below 0, as in the official code
+    logits = (q_pooled.detach() * C ** -0.5) @ kv_pooled.detach().transpose(1, 2)  # (N, A, M), FULL C
     if present is not None:
         logits = logits.masked_fill(~present[:, None, :], float("-inf"))
     # the official code computes softmax routing weights too but never uses them: left out
-    index = logits.topk(min(topk, kv.shape[1]), dim=-1).indices  # (N, A, k)
+    index = logits.topk(min(topk, kv_pooled.shape[1]), dim=-1).indices  # (N, A, k)
     return logits, index
+
+
+def mvas_windows(q: torch.Tensor, table: torch.Tensor, pooled: torch.Tensor, candidates: torch.Tensor,
+                 topk: int, num_heads: int = 8, present: torch.Tensor | None = None) -> torch.Tensor:
+    """STEPS 2-4 of MVAS on windows already cut: routing, gather, windowed attention.
+
+    The keys/values come from a table of windows that can serve many query views: MultiViewFusion
+    cuts and pools every view of a batch once per scale and each query view names its candidates,
+    the windows of its sample's other views, by their rows in that table.
+
+    Args:
+        q: (N, A, T, C) the query views' windows (`window_partition` of query + P).
+        table: (R, T, C) key/value windows, the other views' raw features (`window_partition`).
+        pooled: (R, C) table.mean(dim=1), the windows' mean-pooled features for the routing.
+        candidates: (N, M) long, the table rows of each query's candidate windows, in the official
+            order (view-major: the windows of its first other view, then of the second, ...).
+        topk: k, clamped to M. num_heads: m.
+        present: optional (N, M) bool, False for candidates of missing views (see mvas_attention).
+    Returns:
+        (N, A, T, C) the attention output per query window.
+    """
+    N, A, T, C = q.shape
+    d = C // num_heads
+    # STEP 2: routing, A_c and I_m^K = TopK_Index(A_c) (see `mvas_routing`)
+    _, index = mvas_routing(q.detach().mean(dim=2), pooled[candidates], topk, present)  # (N, A, k)
+    k = index.shape[-1]
+    rows = candidates.gather(1, index.flatten(1))  # (N, A*k) table rows of the selected windows
+
+    # STEP 3: gather the selected windows' raw tokens, K_m^K = V_m^K: whole windows at once
+    selected = table.index_select(0, rows.flatten()).view(N * A, k * T, C)  # (N*A, k*T, C)
+
+    # STEP 4: X_s^o = Attention(Q_s, K_m^K, V_m^K) per window, m heads, no projections; scale C^-0.5
+    # (see mvas_attention); padded zero tokens are not masked (as in the official code)
+    q = q.reshape(N * A, T, num_heads, d).transpose(1, 2)  # (N*A, m, T, d), a view
+    kv = selected.view(N * A, k * T, num_heads, d).transpose(1, 2)  # (N*A, m, k*T, d), a view
+    if present is None:
+        out = F.scaled_dot_product_attention(q, kv, kv, scale=C ** -0.5)  # (N*A, m, T, d)
+    else:
+        # windows of missing views are selected only when fewer than k present ones exist: mask
+        # their tokens; a window with nothing valid keeps finite logits, then is zeroed
+        valid = present.gather(1, index.flatten(1)).view(N * A, 1, 1, k)
+        valid = valid.repeat_interleave(T, dim=-1)  # (N*A, 1, 1, k*T)
+        any_valid = valid.any(dim=-1, keepdim=True)  # (N*A, 1, 1, 1)
+        out = F.scaled_dot_product_attention(q, kv, kv, attn_mask=valid | ~any_valid, scale=C ** -0.5)
+        out = out * any_valid  # (N*A, m, T, d)
+    return out.transpose(1, 2).reshape(N, A, T, C)  # (N, A, T, C)
 
 
 def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: int,
@@ -135,10 +181,59 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
             present other view gets a zero output).
     Returns:
         (N, H, W, C) the attention output (no output projection).
+
+    The official code scales by C^-0.5 with the FULL channel dim, for the routing and for every
+    head (standard multi-head attention would use d^-0.5); we follow the code. Same outputs as
+    `mvas_attention_reference` (the plain version), several times faster: one gather of whole
+    windows from a flat table instead of an expanded token index, and the fused attention.
     """
     N, H, W, C = query.shape
-    # the official code scales by C^-0.5 with the FULL channel dim, for the routing and for every
-    # head (standard multi-head attention would use d^-0.5); we follow the code
+    # STEP 1: neighbourhood attention windows, X -> X_a (v, a^2, hw/a^2, c); zero padding included
+    q = window_partition(query, n_win)  # (N, A, T, C)
+    table = window_partition(others, n_win)  # (N, V-1, A, T, C)
+    _, n_other, A, T, _ = table.shape
+    table = table.reshape(N * n_other * A, T, C)  # (R, T, C), R = N*(V-1)*A rows, view-major per query
+    candidates = torch.arange(N * n_other * A, device=query.device).view(N, n_other * A)  # (N, M)
+    present = None if view_mask is None else view_mask.repeat_interleave(A, dim=1)  # (N, M)
+
+    # STEPS 2-4: routing, gather, attention (see `mvas_windows`)
+    out = mvas_windows(q, table, table.detach().mean(dim=1), candidates, topk, num_heads, present)  # (N, A, T, C)
+
+    # STEP 5: un-window to Y_s^o (h, w, c) and crop the padding
+    return window_unpartition(out, n_win, H, W)  # (N, H, W, C)
+
+
+def full_cross_attention(query: torch.Tensor, others: torch.Tensor, num_heads: int = 8) -> torch.Tensor:
+    """Dense baseline: every query token attends to every token of all other views, with the same
+    scaling (full C), heads and (absent) projections as `mvas_attention`. Through PyTorch's fused
+    attention, which streams the (H*W x (V-1)*H*W) matrix instead of holding it (8 views at
+    64x64 would need 32 GiB for it); `full_cross_attention_reference` is the naive formula.
+
+    Args:
+        query: (N, H, W, C) the query view (plus positional embedding).
+        others: (N, V-1, H, W, C) the other views' raw features.
+        num_heads: m.
+    Returns:
+        (N, H, W, C).
+    """
+    N, H, W, C = query.shape
+    d = C // num_heads
+    q = query.reshape(N, H * W, num_heads, d).transpose(1, 2)  # (N, m, H*W, d)
+    kv = others.reshape(N, -1, num_heads, d).transpose(1, 2)  # (N, m, (V-1)*H*W, d)
+    out = F.scaled_dot_product_attention(q, kv, kv, scale=C ** -0.5)  # (N, m, H*W, d)
+    return out.transpose(1, 2).reshape(N, H, W, C)
+
+
+# ----------------------------------------------------------------------------- plain reference versions
+
+
+def mvas_attention_reference(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: int,
+                             num_heads: int = 8, view_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MVAS written as plainly as the official module computes it (bit-exact to it): the other
+    views are padded and cut for every call, the windows gathered token by token through an
+    expanded index, the attention matrix held in full. Same arguments and result as
+    `mvas_attention`; the tests and bench/attention.py compare the fast version with this one."""
+    N, H, W, C = query.shape
     scale = C ** -0.5
 
     # STEP 1: neighbourhood attention windows, X -> X_a (v, a^2, hw/a^2, c); zero padding included
@@ -148,15 +243,14 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
 
     # STEP 2: routing, A_c and I_m^K = TopK_Index(A_c) (see `mvas_routing`)
     present = None if view_mask is None else view_mask.repeat_interleave(A, dim=1)  # (N, (V-1)*A)
-    _, index = mvas_routing(q, kv, topk, present)  # (N, A, k)
+    _, index = mvas_routing(q.detach().mean(dim=2), kv.detach().mean(dim=2), topk, present)  # (N, A, k)
     k = index.shape[-1]
 
     # STEP 3: gather the selected windows' raw tokens: K_m^K = V_m^K
     gather_index = index.reshape(N, A * k, 1, 1).expand(-1, -1, T, C)
     selected = torch.gather(kv, 1, gather_index).reshape(N, A, k * T, C)  # (N, A, k*T, C)
 
-    # STEP 4: X_s^o = Attention(Q_s, K_m^K, V_m^K) per window, m heads, no projections,
-    # padded zero tokens are not masked (as in the official code)
+    # STEP 4: X_s^o = Attention(Q_s, K_m^K, V_m^K) per window, m heads, no projections
     d = C // num_heads
     q = q.reshape(N, A, T, num_heads, d).transpose(2, 3)  # (N, A, m, T, d)
     kv = selected.reshape(N, A, k * T, num_heads, d).transpose(2, 3)  # (N, A, m, k*T, d)
@@ -164,8 +258,6 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
     if view_mask is None:
         attn = attn.softmax(dim=-1)
     else:
-        # windows of missing views can only be selected when fewer than k present ones exist:
-        # mask their tokens; a window with nothing valid keeps finite logits, then is zeroed
         valid = torch.gather(present, 1, index.flatten(1)).reshape(N, A, 1, 1, k)
         valid = valid.repeat_interleave(T, dim=-1)  # (N, A, 1, 1, k*T)
         keep = valid | ~valid.any(dim=-1, keepdim=True)
@@ -177,17 +269,9 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
     return window_unpartition(out, n_win, H, W)  # (N, H, W, C)
 
 
-def full_cross_attention(query: torch.Tensor, others: torch.Tensor, num_heads: int = 8) -> torch.Tensor:
-    """Dense baseline: every query token attends to every token of all other views, with the same
-    scaling (full C), heads and (absent) projections as `mvas_attention`.
-
-    Args:
-        query: (N, H, W, C) the query view (plus positional embedding).
-        others: (N, V-1, H, W, C) the other views' raw features.
-        num_heads: m.
-    Returns:
-        (N, H, W, C).
-    """
+def full_cross_attention_reference(query: torch.Tensor, others: torch.Tensor, num_heads: int = 8) -> torch.Tensor:
+    """`full_cross_attention` by the naive formula softmax(q k^T C^-0.5) v, holding the whole
+    (m x H*W x (V-1)*H*W) attention matrix. Same arguments and result."""
     N, H, W, C = query.shape
     d = C // num_heads
     q = query.reshape(N, H * W, num_heads, d).transpose(1, 2)  # (N, m, H*W, d)
@@ -202,7 +286,10 @@ def full_cross_attention(query: torch.Tensor, others: torch.Tensor, num_heads: i
 
 def mvas_flops(h: int, w: int, c: int, n_other: int, n_win: int, topk: int) -> int:
     """Exact FLOPs of one `mvas_attention` call for one query view, as FlopCounterMode counts them
-    (a matmul (m x n) @ (n x p) is 2*m*n*p; elementwise ops and softmax are not counted).
+    (a matmul (m x n) @ (n x p) is 2*m*n*p; elementwise ops and softmax are not counted). The fused
+    attention counts as its two matrix products: on the `meta` device (the tests, notebook 03) it
+    runs as them; on a CPU torch 2.14's FlopCounterMode has no formula for the fused kernel
+    (bench/train.py adds one).
 
     With v = n_other, a = n_win, k = topk (clamped to v*a^2) and T = ceil(h/a) * ceil(w/a) tokens
     per (padded) window:
@@ -485,10 +572,13 @@ class MVASBlock(nn.Module):
                                  nn.Linear(mlp_ratio * dim, dim), nn.Dropout(dropout))
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
 
-    def forward(self, x, pos, others, others_mask=None):
-        """x: (N, H, W, C) query view; pos: (H, W, C); others: (N, V-1, H, W, C) raw features of the
-        other views; others_mask: (N, V-1) bool or None. Returns (N, H, W, C)."""
-        fused = mvas_attention(x + pos, others, self.n_win, self.topk, self.num_heads, others_mask)
+    def forward(self, x, pos, table, pooled, candidates, present=None):
+        """x: (N, H, W, C) query views; pos: (H, W, C); table, pooled, candidates, present: the other
+        views' windows as `mvas_windows` takes them. Returns (N, H, W, C)."""
+        N, H, W, C = x.shape
+        q = window_partition(x + pos, self.n_win)  # (N, A, T, C)
+        fused = mvas_windows(q, table, pooled, candidates, self.topk, self.num_heads, present)  # (N, A, T, C)
+        fused = window_unpartition(fused, self.n_win, H, W)  # (N, H, W, C)
         x = self.norm1(x + drop_path(fused, self.drop_prob, self.training))  # (N, H, W, C)
         return self.norm2(x + self.mlp(x))  # (N, H, W, C)
 
@@ -497,11 +587,14 @@ class MultiViewFusion(nn.Module):
     """MVAS blocks at one scale. Every view in turn is the query; the other views' raw encoder
     features are its keys/values in every block (not updated between blocks). Norms and MLPs are
     shared by all views: the official code loops over the views with the same modules; we run the
-    V queries as one batch, which is the same computation (DropPath draws per query view, as there)."""
+    V queries as one batch, which is the same computation (DropPath draws per query view, as there).
+    The keys/values being the same in every block and for every query, the views are padded, cut
+    into windows and pooled once per scale (the official code does it per block and query view)."""
 
     def __init__(self, dim: int, depth: int, n_win: int, topk: int, num_heads: int, mlp_ratio: int,
                  dropout: float, drop_path: float):
         super().__init__()
+        self.n_win = n_win
         self.blocks = nn.ModuleList(MVASBlock(dim, n_win, topk, num_heads, mlp_ratio, dropout, drop_path)
                                     for _ in range(depth))
 
@@ -510,14 +603,21 @@ class MultiViewFusion(nn.Module):
         Returns (B, V, C, H, W), the fused features."""
         B, V, C, H, W = feats.shape
         x = feats.permute(0, 1, 3, 4, 2)  # (B, V, H, W, C)
+        A = self.n_win * self.n_win
+        # STEP 1 for the keys/values: every view's windows, rows (b, v, window) of one table
+        table = window_partition(x, self.n_win).flatten(0, 2)  # (B*V*A, T, C)
         # for view i, the other views in order (0..i-1, i+1..V-1), as the official torch.cat
         other = torch.tensor([[j for j in range(V) if j != i] for i in range(V)], device=feats.device)
-        others = x[:, other].reshape(B * V, V - 1, H, W, C)  # (B*V, V-1, H, W, C)
-        others_mask = None if view_mask is None else view_mask[:, other].reshape(B * V, V - 1)
+        first_row = (torch.arange(B, device=feats.device)[:, None, None] * V + other) * A  # (B, V, V-1)
+        candidates = first_row[..., None] + torch.arange(A, device=feats.device)  # (B, V, V-1, A)
+        candidates = candidates.reshape(B * V, (V - 1) * A)  # (B*V, M), view-major
+        present = None if view_mask is None else \
+            view_mask[:, other].reshape(B * V, V - 1).repeat_interleave(A, dim=1)  # (B*V, M)
         pos = sine_position_embedding(H, W, C, device=feats.device).to(feats.dtype)  # (H, W, C)
+        pooled = table.mean(dim=1)  # (B*V*A, C)
         x = x.reshape(B * V, H, W, C)  # (B*V, H, W, C)
         for block in self.blocks:
-            x = block(x, pos, others, others_mask)  # (B*V, H, W, C)
+            x = block(x, pos, table, pooled, candidates, present)  # (B*V, H, W, C)
         return x.reshape(B, V, H, W, C).permute(0, 1, 4, 2, 3)  # (B, V, C, H, W)
 
 
