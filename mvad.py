@@ -53,38 +53,51 @@ from data import UserError
 # ----------------------------------------------------------------------------- MVAS, pure functions
 
 
-def window_partition(x: torch.Tensor, n_win: int) -> torch.Tensor:
+def window_grid(h: int, w: int, n_win: int) -> tuple[int, int, int, int]:
+    """(th, tw, rows, cols): the size in tokens of the windows of an h x w map cut into n_win x
+    n_win windows (zero-padded at the bottom/right to a multiple of n_win), and the rows and
+    columns of windows that hold image tokens. With padding the last ones can hold padding only:
+    64 -> 70 at n_win 14 gives windows of 5 x 5 tokens, 13 of the 14 rows hold image tokens."""
+    th, tw = -(-h // n_win), -(-w // n_win)  # ceil
+    return th, tw, -(-h // th), -(-w // tw)
+
+
+def window_partition(x: torch.Tensor, n_win: int, image_only: bool = False) -> torch.Tensor:
     """Zero-pads H and W at the bottom/right to a multiple of n_win and cuts n_win x n_win windows.
 
     Args:
         x: (..., H, W, C) feature map(s), channels last.
         n_win: a, the number of windows per side (not the window size).
+        image_only: keep only the rows x cols windows that hold image tokens (`window_grid`):
+            what `mvas_attention` needs of the query, whose padding-only windows are cropped away.
     Returns:
-        (..., a*a, T, C) with T = ceil(H/a) * ceil(W/a); windows row-major, tokens inside a window
-        row-major (the official order).
+        (..., a*a, T, C) (image_only: (..., rows*cols, T, C)) with T = ceil(H/a) * ceil(W/a);
+        windows row-major, tokens inside a window row-major (the official order).
     """
     *lead, H, W, C = x.shape
-    pad_h, pad_w = -H % n_win, -W % n_win
-    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (..., Hp, Wp, C), zeros at the bottom/right
-    th, tw = (H + pad_h) // n_win, (W + pad_w) // n_win  # window height and width in tokens
-    x = x.reshape(*lead, n_win, th, n_win, tw, C).transpose(-4, -3)  # (..., a, a, th, tw, C)
-    return x.reshape(*lead, n_win * n_win, th * tw, C)  # (..., a*a, T, C)
+    th, tw, rows, cols = window_grid(H, W, n_win)
+    rows, cols = (rows, cols) if image_only else (n_win, n_win)
+    x = F.pad(x, (0, 0, 0, cols * tw - W, 0, rows * th - H))  # (..., Hp, Wp, C), zeros at the bottom/right
+    x = x.reshape(*lead, rows, th, cols, tw, C).transpose(-4, -3)  # (..., rows, cols, th, tw, C)
+    return x.reshape(*lead, rows * cols, th * tw, C)  # (..., rows*cols, T, C)
 
 
 def window_unpartition(windows: torch.Tensor, n_win: int, h: int, w: int) -> torch.Tensor:
     """Inverse of `window_partition`: stitches the windows back and crops the padding.
 
     Args:
-        windows: (..., a*a, T, C) from `window_partition` of an (..., h, w, C) map.
+        windows: (..., a*a, T, C) from `window_partition` of an (..., h, w, C) map, or
+            (..., rows*cols, T, C) from it with image_only.
         n_win: a, windows per side.
         h, w: the size before padding.
     Returns:
         (..., h, w, C).
     """
-    *lead, _, _, C = windows.shape
-    th, tw = -(-h // n_win), -(-w // n_win)  # ceil: window height and width in tokens
-    x = windows.reshape(*lead, n_win, n_win, th, tw, C).transpose(-4, -3)  # (..., a, th, a, tw, C)
-    x = x.reshape(*lead, n_win * th, n_win * tw, C)  # (..., Hp, Wp, C)
+    *lead, n, _, C = windows.shape
+    th, tw, rows, cols = window_grid(h, w, n_win)
+    rows, cols = (rows, cols) if n == rows * cols else (n_win, n_win)
+    x = windows.reshape(*lead, rows, cols, th, tw, C).transpose(-4, -3)  # (..., rows, th, cols, tw, C)
+    x = x.reshape(*lead, rows * th, cols * tw, C)  # (..., Hp, Wp, C)
     return x[..., :h, :w, :]  # (..., h, w, C)
 
 
@@ -94,7 +107,7 @@ def mvas_routing(q_pooled: torch.Tensor, kv_pooled: torch.Tensor, topk: int,
     mean-pooled features and keeps the top-k candidates per query window. No learnable parameters.
 
     Args:
-        q_pooled: (N, A, C) the query view's windows (`window_partition`, A = a*a) averaged over
+        q_pooled: (N, A, C) the query view's windows (`window_partition`, A <= a*a) averaged over
             their T tokens (padded zeros count in the mean, as in the official code).
         kv_pooled: (N, M, C) the same for the windows of all other views together, view-major
             (M = (V-1) a*a).
@@ -127,7 +140,8 @@ def mvas_windows(q: torch.Tensor, table: torch.Tensor, pooled: torch.Tensor, can
     the windows of its sample's other views, by their rows in that table.
 
     Args:
-        q: (N, A, T, C) the query views' windows (`window_partition` of query + P).
+        q: (N, Q, T, C) the query views' windows (`window_partition` of query + P; all a*a, or
+            only those holding image tokens, whose outputs are not cropped away).
         table: (R, T, C) key/value windows, the other views' raw features (`window_partition`).
         pooled: (R, C) table.mean(dim=1), the windows' mean-pooled features for the routing.
         candidates: (N, M) long, the table rows of each query's candidate windows, in the official
@@ -135,9 +149,9 @@ def mvas_windows(q: torch.Tensor, table: torch.Tensor, pooled: torch.Tensor, can
         topk: k, clamped to M. num_heads: m.
         present: optional (N, M) bool, False for candidates of missing views (see mvas_attention).
     Returns:
-        (N, A, T, C) the attention output per query window.
+        (N, Q, T, C) the attention output per query window.
     """
-    N, A, T, C = q.shape
+    N, A, T, C = q.shape  # A = Q query windows
     d = C // num_heads
     # STEP 2: routing, A_c and I_m^K = TopK_Index(A_c) (see `mvas_routing`)
     _, index = mvas_routing(q.detach().mean(dim=2), pooled[candidates], topk, present)  # (N, A, k)
@@ -152,16 +166,32 @@ def mvas_windows(q: torch.Tensor, table: torch.Tensor, pooled: torch.Tensor, can
     q = q.reshape(N * A, T, num_heads, d).transpose(1, 2)  # (N*A, m, T, d), a view
     kv = selected.view(N * A, k * T, num_heads, d).transpose(1, 2)  # (N*A, m, k*T, d), a view
     if present is None:
-        out = F.scaled_dot_product_attention(q, kv, kv, scale=C ** -0.5)  # (N*A, m, T, d)
+        out = windowed_attention(q, kv, C ** -0.5)  # (N*A, m, T, d)
     else:
         # windows of missing views are selected only when fewer than k present ones exist: mask
         # their tokens; a window with nothing valid keeps finite logits, then is zeroed
         valid = present.gather(1, index.flatten(1)).view(N * A, 1, 1, k)
         valid = valid.repeat_interleave(T, dim=-1)  # (N*A, 1, 1, k*T)
         any_valid = valid.any(dim=-1, keepdim=True)  # (N*A, 1, 1, 1)
-        out = F.scaled_dot_product_attention(q, kv, kv, attn_mask=valid | ~any_valid, scale=C ** -0.5)
-        out = out * any_valid  # (N*A, m, T, d)
+        out = windowed_attention(q, kv, C ** -0.5, valid | ~any_valid) * any_valid  # (N*A, m, T, d)
     return out.transpose(1, 2).reshape(N, A, T, C)  # (N, A, T, C)
+
+
+def windowed_attention(q: torch.Tensor, kv: torch.Tensor, scale: float,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kv^T * scale) kv per window and head (keys = values), False in mask = left out.
+
+    q: (W, m, T, d); kv: (W, m, S, d); mask: None or broadcastable to (W, m, T, S). Returns
+    (W, m, T, d). PyTorch's fused kernel where it measured fastest: on a GPU, and on a CPU without
+    gradients; on a CPU with gradients its backward is slow for MVAS's 8-channel heads (forward +
+    backward of MVAS at 128 px input, scale 0: 135 ms fused, 74 ms by the formula), so the formula.
+    """
+    if q.is_cuda or not (torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad)):
+        return F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=scale)
+    attn = (q * scale) @ kv.transpose(-2, -1)  # (W, m, T, S)
+    if mask is not None:
+        attn = attn.masked_fill(~mask, float("-inf"))
+    return attn.softmax(dim=-1) @ kv  # (W, m, T, d)
 
 
 def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: int,
@@ -184,12 +214,16 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
 
     The official code scales by C^-0.5 with the FULL channel dim, for the routing and for every
     head (standard multi-head attention would use d^-0.5); we follow the code. Same outputs as
-    `mvas_attention_reference` (the plain version), several times faster: one gather of whole
-    windows from a flat table instead of an expanded token index, and the fused attention.
+    `mvas_attention_reference` (the plain version, as the official module computes), faster: the
+    query windows that hold padding only are skipped (27 of 196 at 64 x 64, 75 of 196 at 32 x 32
+    with a = 14: the official code computes and crops them), the selected windows are gathered
+    whole from a flat table instead of through an expanded token index, and the attention is fused
+    where that is faster (`windowed_attention`).
     """
     N, H, W, C = query.shape
     # STEP 1: neighbourhood attention windows, X -> X_a (v, a^2, hw/a^2, c); zero padding included
-    q = window_partition(query, n_win)  # (N, A, T, C)
+    # (only the query windows that hold image tokens: the others' outputs would be cropped in STEP 5)
+    q = window_partition(query, n_win, image_only=True)  # (N, Q, T, C), Q <= A
     table = window_partition(others, n_win)  # (N, V-1, A, T, C)
     _, n_other, A, T, _ = table.shape
     table = table.reshape(N * n_other * A, T, C)  # (R, T, C), R = N*(V-1)*A rows, view-major per query
@@ -197,7 +231,7 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
     present = None if view_mask is None else view_mask.repeat_interleave(A, dim=1)  # (N, M)
 
     # STEPS 2-4: routing, gather, attention (see `mvas_windows`)
-    out = mvas_windows(q, table, table.detach().mean(dim=1), candidates, topk, num_heads, present)  # (N, A, T, C)
+    out = mvas_windows(q, table, table.detach().mean(dim=1), candidates, topk, num_heads, present)  # (N, Q, T, C)
 
     # STEP 5: un-window to Y_s^o (h, w, c) and crop the padding
     return window_unpartition(out, n_win, H, W)  # (N, H, W, C)
@@ -284,9 +318,12 @@ def full_cross_attention_reference(query: torch.Tensor, others: torch.Tensor, nu
 # ----------------------------------------------------------------------------- FLOP accounting
 
 
-def mvas_flops(h: int, w: int, c: int, n_other: int, n_win: int, topk: int) -> int:
-    """Exact FLOPs of one `mvas_attention` call for one query view, as FlopCounterMode counts them
-    (a matmul (m x n) @ (n x p) is 2*m*n*p; elementwise ops and softmax are not counted). The fused
+def mvas_flops(h: int, w: int, c: int, n_other: int, n_win: int, topk: int, image_only: bool = False) -> int:
+    """Exact FLOPs of MVAS for one query view as the official module computes it (and
+    `mvas_attention_reference`), as FlopCounterMode counts them (a matmul (m x n) @ (n x p) is
+    2*m*n*p; elementwise ops and softmax are not counted). image_only: of one `mvas_attention` call,
+    which routes and attends only the query windows holding image tokens (`window_grid`); the
+    formulas below then hold with a^2 query windows replaced by rows*cols. The fused
     attention counts as its two matrix products: on the `meta` device (the tests, notebook 03) it
     runs as them; on a CPU torch 2.14's FlopCounterMode has no formula for the fused kernel
     (bench/train.py adds one).
@@ -321,10 +358,12 @@ def mvas_flops(h: int, w: int, c: int, n_other: int, n_win: int, topk: int) -> i
       deck derives from the missing a^2.
     """
     a = n_win
-    T = -(-h // a) * -(-w // a)  # tokens per padded window
+    th, tw, rows, cols = window_grid(h, w, a)
+    T = th * tw  # tokens per padded window
+    queries = rows * cols if image_only else a * a  # query windows
     k = min(topk, n_other * a * a)
-    routing = 2 * (a * a) * c * (n_other * a * a)
-    attention = 2 * (a * a) * (2 * T * c * k * T)  # Q K^T and A V in each of the a^2 windows
+    routing = 2 * queries * c * (n_other * a * a)
+    attention = 2 * queries * (2 * T * c * k * T)  # Q K^T and A V in each query window
     return routing + attention
 
 
@@ -576,8 +615,8 @@ class MVASBlock(nn.Module):
         """x: (N, H, W, C) query views; pos: (H, W, C); table, pooled, candidates, present: the other
         views' windows as `mvas_windows` takes them. Returns (N, H, W, C)."""
         N, H, W, C = x.shape
-        q = window_partition(x + pos, self.n_win)  # (N, A, T, C)
-        fused = mvas_windows(q, table, pooled, candidates, self.topk, self.num_heads, present)  # (N, A, T, C)
+        q = window_partition(x + pos, self.n_win, image_only=True)  # (N, Q, T, C), see mvas_attention
+        fused = mvas_windows(q, table, pooled, candidates, self.topk, self.num_heads, present)  # (N, Q, T, C)
         fused = window_unpartition(fused, self.n_win, H, W)  # (N, H, W, C)
         x = self.norm1(x + drop_path(fused, self.drop_prob, self.training))  # (N, H, W, C)
         return self.norm2(x + self.mlp(x))  # (N, H, W, C)

@@ -75,7 +75,7 @@ def random_views(N, n_other, H, W, C, seed=0):
 # ----------------------------------------------------------------------------- windows and MVAS
 
 
-@pytest.mark.parametrize("H, W, n_win", [(8, 8, 2), (7, 9, 3), (5, 5, 5), (13, 6, 4)])
+@pytest.mark.parametrize("H, W, n_win", [(8, 8, 2), (7, 9, 3), (5, 5, 5), (13, 6, 4), (8, 8, 6)])
 def test_window_partition_round_trip_and_padding(H, W, n_win):
     x = torch.randn(2, 3, H, W, 4)
     windows = window_partition(x, n_win)
@@ -87,6 +87,12 @@ def test_window_partition_round_trip_and_padding(H, W, n_win):
     # the padding is zeros at the bottom/right: it adds exactly (Hp*Wp - H*W) zero tokens
     zeros = (windows == 0).all(dim=-1).sum(dim=(-1, -2))
     assert (zeros == th * tw * n_win * n_win - H * W).all()
+    # image_only: the same windows less the rows/columns of windows that hold padding only
+    rows, cols = math.ceil(H / th), math.ceil(W / tw)
+    cropped = window_partition(x, n_win, image_only=True)
+    torch.testing.assert_close(cropped, windows.unflatten(2, (n_win, n_win))[:, :, :rows, :cols].flatten(2, 3),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(window_unpartition(cropped, n_win, H, W), x, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("H, W, n_win, topk, heads, n_other", [
@@ -214,15 +220,20 @@ def test_flop_formulas_equal_flop_counter(h, w, c, n_other, n_win, topk):
     query = torch.empty(1, h, w, c, device="meta")
     others = torch.empty(1, n_other, h, w, c, device="meta")
     mask = torch.ones(1, n_other, dtype=torch.bool, device="meta")
-    assert counted_flops(mvas_attention, query, others, n_win, topk) == mvas_flops(h, w, c, n_other, n_win, topk)
-    assert counted_flops(mvas_attention, query, others, n_win, topk, view_mask=mask) == \
-        mvas_flops(h, w, c, n_other, n_win, topk)
+    fast = mvas_flops(h, w, c, n_other, n_win, topk, image_only=True)
+    assert counted_flops(mvas_attention, query, others, n_win, topk) == fast
+    assert counted_flops(mvas_attention, query, others, n_win, topk, view_mask=mask) == fast
+    official = mvas_flops(h, w, c, n_other, n_win, topk)
+    assert counted_flops(mvas_attention_reference, query, others, n_win, topk) == official
+    assert counted_flops(mvas_attention_reference, query, others, n_win, topk, view_mask=mask) == official
     assert counted_flops(full_cross_attention, query, others) == cross_attention_flops(h, w, c, n_other)
 
 
 def test_mvas_is_far_cheaper_than_dense_at_the_official_scale_0():
     mvas, dense = mvas_flops(64, 64, 64, 4, 14, 4), cross_attention_flops(64, 64, 64, 4)
     assert mvas == 145_108_992 and dense == 17_179_869_184
+    # the fast version skips the 196 - 13 x 13 = 27 query windows that hold padding only
+    assert mvas_flops(64, 64, 64, 4, 14, 4, image_only=True) == mvas * 169 // 196
     assert dense / mvas > 100
 
 
