@@ -774,6 +774,8 @@ def main(cfg: EvalConfig) -> dict:
         raise data.UserError(f"--device {cfg.device}: not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise data.UserError(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise data.UserError(f"--threads {cfg.threads}: must be at least 1 (or leave it out for the default)")
     setup_process(cfg.threads)
     model, checkpoint = load_model(cfg.checkpoint)
     model = place(model, device)
@@ -837,7 +839,7 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per forward pass")
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
     p.add_argument("--device", default=d.device, help="None = cuda if available, else cpu")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (None: cores - 1, at least 1)")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: the cores this process may use)")
     p.add_argument("--compile", action="store_true", help="torch.compile the anomaly-map pass (CUDA graphs on a GPU)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS, help="bf16: bf16 autocast")
     p.add_argument("--drop-views", type=int, default=d.drop_views,
