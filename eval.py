@@ -644,8 +644,8 @@ def reuse_freed_memory() -> None:
     """Lets the C allocator keep freed memory for the next tensors instead of returning it to the
     system. glibc serves blocks above a threshold (at most 32 MiB) with fresh pages from the kernel
     and unmaps them when freed, so every large temporary (a padded feature map, an attention matrix)
-    costs page faults and a kernel zero-fill of its pages, on every call (bench/README.md: today's
-    MVAS spent 60% of its time there; an MVAD step 10%). mallopt exists only in glibc: elsewhere
+    costs page faults and a kernel zero-fill of its pages, on every call (README, Performance: the
+    plain MVAS spent more than half of its time there). mallopt exists only in glibc: elsewhere
     (macOS, Windows) this does nothing."""
     try:
         libc = ctypes.CDLL(None)
