@@ -150,7 +150,6 @@ def run_cli(*args, cwd=ROOT, env=None, timeout=120):
     (["--method", "mvad", "--set", "wings=2"], "--set wings=2: expected NAME=VALUE"),
     (["--method", "mvad", "--set", "topk=many"], "--set topk=many: 'many' is not a valid int"),
     (["--threads", "0"], "--threads 0: must be at least 1"),
-    (["--precision", "fp16"], "invalid choice: 'fp16'"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(args, message, synthetic, tmp_path):
     fill = {"synthetic": str(synthetic), "tmp": str(tmp_path)}
