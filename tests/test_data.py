@@ -107,11 +107,39 @@ def test_real_iad_tree_loads_samples_labels_masks_and_view_order(tree):
     assert normal["label"] == 0 and normal["masks"].sum() == 0
     assert defective["sample_id"] == "audiojack__0064_NG_HS" and defective["category"] == "audiojack"
     assert defective["label"] == 1 and defective["view_labels"].tolist() == [1, 1, 0, 0, 0]
-    masks = defective["masks"][:, 0]  # 48x40 -> 38x32 (nearest) -> centre crop 32x32 (3 px off the left)
+    assert defective["view_classes"].tolist() == [1, 1, 0, 1, 1]  # the JSON classes
+    assert defective["mask_paths"][0].endswith("_C1_20231021111531.png") and defective["mask_paths"][2] == ""
+    masks = defective["masks"][:, 0]  # 48x40 -> 38x32 (bilinear, > 0.5) -> centre crop 32x32 (3 px off the left)
     assert set(masks.unique().tolist()) <= {0.0, 1.0}
     assert masks[0, :, :15].min() == 1 and masks[0, :, 17:].max() == 0  # left half
     assert masks[1, :, 25:].min() == 1 and masks[1, :, :20].max() == 0  # right part
     assert masks[2:].sum() == 0
+
+
+def test_a_defect_that_vanishes_when_resized_keeps_its_sample_anomalous(tmp_path):
+    """As the official MVAD code: the sample label comes from the JSON classes, the view (image) label
+    and the pixels from the mask resized bilinearly and thresholded at 0.5, so a 2x2 defect in a
+    48x40 image is gone at 8 px (it covers a tenth of an output pixel) while its sample stays anomalous."""
+    root = tmp_path / "Real-IAD"
+    base = root / "realiad_256" / "zipper"
+    tiny = {c: ("OK", None, False) for c in range(1, 6)}
+    tiny[2] = ("PS", (20, 20, 21, 21), True)
+    _json(root / "realiad_jsons" / "zipper.json", "zipper", _sample(base, "zipper", 1),
+          _sample(base, "zipper", 3, "PS", tiny))
+    item = data.RealIAD(root, "zipper", "test", image_size=8)[0]
+    assert item["label"] == 1 and item["view_classes"].tolist() == [0, 1, 0, 0, 0]
+    assert item["view_labels"].tolist() == [0] * 5 and item["masks"].sum() == 0
+    large = data.RealIAD(root, "zipper", "test", image_size=40)[0]  # at the source size it is kept
+    assert large["view_labels"].tolist() == [0, 1, 0, 0, 0] and large["masks"].sum() == 4
+
+
+def test_masks_are_resized_bilinearly_and_thresholded_at_one_half(tmp_path):
+    path = tmp_path / "mask.png"
+    pixels = np.zeros((8, 8), np.uint8)
+    pixels[:, :3] = 1  # any positive value is a defect, even 1 of 255
+    Image.fromarray(pixels).save(path)
+    mask = data.load_mask(path, 4)[0]  # output column 0 sees input columns 0-2 -> 1.0; column 1
+    assert mask.tolist() == [[1.0, 0.0, 0.0, 0.0]] * 4  # weighs 1-4 by 1/8, 3/8, 3/8, 1/8 -> 0.5, not > 0.5
 
 
 def test_real_iad_category_list_and_all(tree):
