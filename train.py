@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
-from eval import METHODS, EvalConfig, place
+from eval import METHODS, PAPER_SETTINGS, EvalConfig, place, protocol_note
 from eval import main as evaluate_run
 from mvad import FrozenEncoder
 
@@ -47,7 +47,7 @@ from mvad import FrozenEncoder
 # views (eval.py, REFERENCE 6). Off in the papers' setting; on in the CPU profile, where the short
 # training leaves one camera's scores far above the others' and the max would hide side-view defects.
 PROFILES = {
-    "gpu": dict(image_size=256, batch_size=8, epochs=100, view_norm=False),
+    "gpu": PAPER_SETTINGS,  # image_size=256, batch_size=8, epochs=100, view_norm=False
     "cpu": dict(image_size=128, batch_size=4, epochs=15, view_norm=True),
 }
 
@@ -77,6 +77,7 @@ class TrainConfig:
     workers: int = 0  # DataLoader worker processes
     resume: bool = False  # continue from <out>/last.pt with the run's stored settings
     evaluate: bool = True  # evaluate the last checkpoint on the test split after training
+    export_adeval: str | None = None  # the evaluation also writes ADEval's input here (eval.py --export-adeval)
     view_norm: bool | None = None  # per-camera score normalisation in the evaluation; None: the profile's
     model: dict = field(default_factory=dict)  # overrides of MVADConfig / IDIFConfig fields
     synthetic_train: int = 40  # synthetic data only: normal training samples per category
@@ -300,7 +301,22 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
     stored = TrainConfig(**load_checkpoint(path, cfg.method)["train"])
     return dataclasses.replace(stored, resume=True, epochs=cfg.epochs or stored.epochs,
                                device=cfg.device, workers=cfg.workers, evaluate=cfg.evaluate,
+                               export_adeval=cfg.export_adeval,
                                view_norm=stored.view_norm if cfg.view_norm is None else cfg.view_norm)
+
+
+def fit_batch(cfg: TrainConfig, samples: int, world: int, log) -> TrainConfig:
+    """The training loader drops the last partial batch, as the official code's (`drop_last=True`);
+    a split with fewer samples than a batch would then train on nothing, so the batch shrinks to
+    the samples (a multiple of the processes), said in one line."""
+    if samples >= cfg.batch_size:
+        return cfg
+    if samples < world:
+        raise data.UserError(f"{samples} training samples cannot be shared by {world} processes; "
+                             "start fewer processes")
+    batch = samples - samples % world
+    log(f"only {samples} training samples, fewer than --batch-size {cfg.batch_size}: training with batch {batch}")
+    return dataclasses.replace(cfg, batch_size=batch)
 
 
 def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
@@ -312,8 +328,14 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     root = data_root_for(cfg, log)
     cfg = dataclasses.replace(cfg, data_root=str(root))  # eval.py reads the same folder
     train_set = training_set(cfg, root)
+    cfg = fit_batch(cfg, len(train_set), world, log)
     views = train_set[0]["images"].shape[0]
     model_cfg, model, optimizer = build_model(cfg, views, device)
+    random_encoder = any(m.needs_calibration for m in model.modules() if isinstance(m, FrozenEncoder))
+    note = protocol_note({"method": cfg.method, "train": dataclasses.asdict(cfg), "epoch": cfg.epochs,
+                          "random_encoder": random_encoder}, root, bool(cfg.view_norm))
+    if note:
+        log(note)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [max(1, int(0.8 * cfg.epochs))], gamma=0.1)
     out = Path(cfg.out)
     checkpoint_path = out / "last.pt"
@@ -331,7 +353,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
 
     ddp = DistributedDataParallel(model) if world > 1 else model
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler,
+    loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True,
                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
     for epoch in range(start, cfg.epochs):
         sampler.set_epoch(epoch)
@@ -348,20 +370,21 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
         scheduler.step()
         seconds = time.perf_counter() - started
         history.append({"epoch": epoch + 1, "loss": total / len(loader), "seconds": seconds,
-                        "samples_per_s": len(sampler) * world / seconds, "lr": optimizer.param_groups[0]["lr"]})
+                        "samples_per_s": len(loader) * cfg.batch_size / seconds, "lr": optimizer.param_groups[0]["lr"]})
         log(f"epoch {epoch + 1}/{cfg.epochs}  loss {history[-1]['loss']:.4f}  {seconds:.1f} s  "
             f"{history[-1]['samples_per_s']:.1f} samples/s")
         if rank == 0:
             save_atomically({"method": cfg.method, "config": dataclasses.asdict(model_cfg),
                              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "seed": cfg.seed,
-                             "history": history, "train": dataclasses.asdict(cfg)}, checkpoint_path)
+                             "history": history, "train": dataclasses.asdict(cfg),
+                             "random_encoder": random_encoder}, checkpoint_path)
             (out / "history.json").write_text(json.dumps(history, indent=1))
 
     if rank != 0 or not cfg.evaluate:
         return {}
     return evaluate_run(EvalConfig(checkpoint=str(checkpoint_path), device=str(device), workers=cfg.workers,
-                                   view_norm=cfg.view_norm))
+                                   view_norm=cfg.view_norm, export_adeval=cfg.export_adeval))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -390,6 +413,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the evaluation")
+    p.add_argument("--export-adeval", default=d.export_adeval, metavar="FILE",
+                   help="the evaluation also writes the test maps for Real-IAD's scorer ADEval (eval.py)")
     p.add_argument("--view-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="z-score each camera's image scores with training statistics before the max over "
                         "views (None: off on GPU, on on CPU)")

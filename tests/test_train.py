@@ -103,6 +103,41 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(synthetic, tmp_path,
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
 
 
+def test_the_last_partial_batch_is_dropped(synthetic, tmp_path, monkeypatch, capsys):
+    """As the official loader (drop_last=True): 4 samples in batches of 3 make one step per epoch;
+    with fewer samples than a batch, the batch shrinks to them and the run says so in one line."""
+    steps = []
+    step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda net, opt, batch, *a: steps.append(len(batch["images"]))
+                        or step(net, opt, batch, *a))
+    train.main(tiny("mvad", synthetic, tmp_path / "three", batch_size=3, evaluate=False))
+    assert steps == [3]
+    steps.clear()
+    train.main(tiny("mvad", synthetic, tmp_path / "eight", batch_size=8, evaluate=False))
+    assert steps == [4]
+    assert "only 4 training samples, fewer than --batch-size 8: training with batch 4" in capsys.readouterr().out
+    assert torch.load(tmp_path / "eight" / "last.pt", weights_only=True)["train"]["batch_size"] == 4
+    with pytest.raises(data.UserError, match=r"^4 training samples cannot be shared by 6 processes"):
+        train.fit_batch(tiny("mvad", synthetic, tmp_path, batch_size=8), 4, 6, print)
+
+
+def test_runs_off_the_papers_settings_say_so_in_one_line():
+    state = {"method": "idif", "train": {"category": "zipper", "image_size": 128, "batch_size": 4},
+             "epoch": 15, "random_encoder": True}
+    note = train.protocol_note(state, Path("/data/Real-IAD"), view_norm=True)
+    assert note == ("Not the papers' settings: image size 128 (papers: 256); batch 4 (papers: 8); epochs 15 "
+                    "(papers: 100); view-norm on (papers: off); random-init encoder calibrated on the training "
+                    "images (papers: ImageNet). The papers' protocol: python train.py --method idif --category "
+                    "zipper --data-root /data/Real-IAD --image-size 256 --batch-size 8 --epochs 100 "
+                    "--no-view-norm --weights imagenet")
+    papers = {"method": "mvad", "train": {"category": "all", **train.PROFILES["gpu"]}, "epoch": 100}
+    assert train.protocol_note(papers, Path("/data/Real-IAD"), view_norm=False) is None
+    synthetic = train.protocol_note(papers, data.SYNTHETIC_CACHE / "zipper-40-30-30-256px-seed0-v3", False)
+    assert synthetic.endswith("built-in synthetic data (papers: Real-IAD). The papers' protocol: python train.py "
+                              "--method mvad --category all --data-root /path/to/Real-IAD --image-size 256 "
+                              "--batch-size 8 --epochs 100 --no-view-norm --weights imagenet")
+
+
 def test_set_parses_config_fields():
     cfg = train.parse_args(["--method", "mvad", "--set", "n_win=8,4,2", "--set", "topk=2",
                             "--set", "dropout=0.2"])
