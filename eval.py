@@ -627,8 +627,8 @@ def summarise(pixels: dict, gathered: dict) -> tuple[dict, dict, dict]:
 ADEVAL_SAMPLE_KEY = r"([a-zA-Z][a-zA-Z0-9_]*_[0-9]{4}_[A-Z][A-Z_]*[A-Z])_C[0-9]_"
 # ADEval 1.1.0 calls numpy.trapz, which NumPy 2.4 removed (renamed numpy.trapezoid in NumPy 2.0):
 # with such a NumPy the command sets the old name first and then runs ADEval's command line.
-ADEVAL_WITH_NEW_NUMPY = ("import numpy, runpy; numpy.trapz = numpy.trapezoid; "
-                         "runpy.run_module('adeval', run_name='__main__')")
+ADEVAL_WITH_NEW_NUMPY = ('import numpy, runpy; numpy.trapz = numpy.trapezoid; '
+                         'runpy.run_module("adeval", run_name="__main__")')
 
 
 def adeval_argv(pickle_path, views: int, image_size: int) -> list[str]:
@@ -681,14 +681,17 @@ class ADEvalExport:
                 self.category = category
             for v in torch.nonzero(view_mask[i]).flatten().tolist():
                 image, mask = batch["paths"][v][i], batch["mask_paths"][v][i]
-                self.entries[str(Path(image).resolve())] = (
-                    framed(maps[i, v].numpy(), image), float(scores[i, v]), str(Path(mask).resolve()) if mask else None)
+                entry = (framed(maps[i, v].numpy(), image), float(scores[i, v]),
+                         str(Path(mask).resolve()) if mask else None)
+                self.entries[str(Path(image).resolve())] = entry
 
     def flush(self) -> None:
         """Writes the current category's file (atomically) and empties the buffer."""
         if not self.entries:
             return
-        path = self.path.with_name(f"{self.path.stem}_{self.category}{self.path.suffix}") if self.several else self.path
+        path = self.path
+        if self.several:
+            path = path.with_name(f"{path.stem}_{self.category}{path.suffix}")
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
             pickle.dump(self.entries, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -713,7 +716,8 @@ def format_table(metrics: dict, name: str, markdown: bool = False) -> str:
         metrics: evaluate()'s metrics. name: the row label of a single-category run.
         markdown: a Markdown table instead of aligned plain text.
     """
-    header = ["Category", "Sample AUROC/AP/F1-max", "Image AUROC/AP/F1-max", "Pixel AUROC/AP/F1-max/AU-PRO/F1-max(ADer)"]
+    header = ["Category", "Sample AUROC/AP/F1-max", "Image AUROC/AP/F1-max",
+              "Pixel AUROC/AP/F1-max/AU-PRO/F1-max(ADer)"]
     rows = {**metrics.get("per_category", {}), ("Average" if "per_category" in metrics else name): metrics}
     table = [header] + [[category] + ["/".join(_percent(m[level][k]) for k in keys)
                                       for level, keys in LEVEL_KEYS.items()] for category, m in rows.items()]
@@ -886,8 +890,8 @@ def predict_inputs(paths: list[str], views: int) -> list[tuple[str, list[Path]]]
         raise data.UserError(f"--images {given[0]}: no images (.jpg, .png) in it")
     for key, cameras in samples.items():
         if len(cameras) != views:
-            raise data.UserError(f"--images: sample {key} has {len(cameras)} views ({', '.join(sorted(cameras))}), "
-                                 f"but the run's model takes {views}")
+            raise data.UserError(f"--images: sample {key} has {len(cameras)} views "
+                                 f"({', '.join(sorted(cameras))}), but the run's model takes {views}")
     return [(key, [cameras[c] for c in sorted(cameras)]) for key, cameras in sorted(samples.items())]
 
 
@@ -916,9 +920,11 @@ def stored_decision(run: Path, category: str | None) -> tuple[dict, int]:
     except (OSError, ValueError, KeyError):
         raise data.UserError(f"--run {run}: {path} holds no thresholds; evaluate the run first: "
                              f"python eval.py --checkpoint {run / 'last.pt'}") from None
-    category = category or (next(iter(decisions)) if len(decisions) == 1 else None)
+    if category is None and len(decisions) == 1:
+        category = next(iter(decisions))
     if category not in decisions:
-        raise data.UserError(f"--category {category}: choose one of the run's: {', '.join(decisions)}")
+        raise data.UserError(f"--category {category or ''}: the run's thresholds are per category; choose "
+                             f"one of {', '.join(decisions)}")
     if None in (decisions[category]["sample_threshold"], decisions[category]["image_threshold"]):
         raise data.UserError(f"--run {run}: its test split held one class only, so no threshold was chosen")
     return decisions[category], views
@@ -964,7 +970,8 @@ def predict(cfg: PredictConfig) -> dict:
     """
     run, out = Path(cfg.run), Path(cfg.out)
     if not (run / "last.pt").is_file():
-        raise data.UserError(f"--run {run}: no last.pt there; pass the folder train.py wrote (e.g. runs/idif_zipper)")
+        raise data.UserError(f"--run {run}: no last.pt there; pass the folder train.py wrote "
+                             "(e.g. runs/idif_zipper)")
     decision, views = stored_decision(run, cfg.category)
     samples = predict_inputs(cfg.images, views)
     device = resolve_device(cfg.device)
@@ -983,9 +990,10 @@ def predict(cfg: PredictConfig) -> dict:
         result = {"sample_id": key, "score": float(scores.max()),
                   "anomalous": bool(scores.max() >= decision["sample_threshold"]),
                   "picture": f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png",
-                  "views": [{"path": str(p), "score": float(x), "anomalous": bool(x >= decision["image_threshold"])}
-                            for p, x in zip(paths, scores)]}
-        plot_prediction(images.permute(0, 2, 3, 1).numpy(), maps.numpy(), result, decision, out / result["picture"])
+                  "views": [{"path": str(p), "score": float(x),
+                             "anomalous": bool(x >= decision["image_threshold"])} for p, x in zip(paths, scores)]}
+        rgb = images.permute(0, 2, 3, 1).numpy()  # (V, S, S, 3)
+        plot_prediction(rgb, maps.numpy(), result, decision, out / result["picture"])
         results.append(result)
         print(f"{key}: {'ANOMALOUS' if result['anomalous'] else 'normal'} (score {result['score']:.3f})")
     report = {"run": str(run), "sample_threshold": decision["sample_threshold"],
@@ -999,8 +1007,9 @@ def predict(cfg: PredictConfig) -> dict:
 # ----------------------------------------------------------------------------- config and main
 
 
-# The papers' training settings (MVAD, arXiv 2407.11935 Sec. 4.1; IDIF: 256 px, batch 8), train.py's GPU
-# profile. Where a run differs, its reports say so in one line (protocol_note).
+# The papers' training settings, train.py's GPU profile: the official MVAD config (lewandofskee/MVAD
+# configs/mvad/mvad_realiad.py: size 256, batch 8, 100 epochs); the IDIF paper gives 256 px and batch
+# 8, no epochs. Where a run differs, its reports say so in one line (protocol_note).
 PAPER_SETTINGS = dict(image_size=256, batch_size=8, epochs=100, view_norm=False)
 
 
@@ -1087,7 +1096,8 @@ def main(cfg: EvalConfig) -> dict:
     if cfg.view_norm:
         train_set = data.RealIAD(root, categories, "train", image_size=image_size)
         view_stats = camera_statistics(model, train_set, device, cfg.batch_size, cfg.workers)
-    export = None if cfg.export_adeval is None else ADEvalExport(_writable(cfg.export_adeval), test_set.categories)
+    export = None if cfg.export_adeval is None else ADEvalExport(_writable(cfg.export_adeval),
+                                                                 test_set.categories)
     metrics, collected = evaluate(model, test_set, device, drop_views=cfg.drop_views,
                                   batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
                                   view_stats=view_stats, num_figures=cfg.num_figures, bins=cfg.bins,
@@ -1122,7 +1132,8 @@ def _writable(path: str) -> Path:
     return Path(path)
 
 
-def write_reports(out: Path, metrics: dict, collected: dict, category: str, title: str, notes: list[str]) -> None:
+def write_reports(out: Path, metrics: dict, collected: dict, category: str, title: str,
+                  notes: list[str]) -> None:
     """metrics.json, metrics.md (title, table, notes), roc.png, the example pictures; prints the same."""
     table = format_table(metrics, category, markdown=True)
     (out / "metrics.json").write_text(json.dumps(_json_ready(metrics), indent=1))

@@ -6,9 +6,11 @@
     python train.py --method idif --category zipper --resume    # continue runs/idif_zipper/last.pt
     python train.py --method mvad --set topk=8 --set n_win=8,8,8  # any MVADConfig / IDIFConfig field
 
-One loop serves both methods: a batch is (B, V, 3, H, W); MVAD's loss needs only the clean views,
-IDIF's also the pseudo-anomalous ones (data.PseudoAnomalies). After the last epoch the run is
-evaluated by eval.py's `main`, which writes metrics.json, metrics.md and the pictures into --out.
+One loop serves both methods: a batch is (B, V, 3, H, W), the last partial one dropped as in the
+official code (`fit_batch`); MVAD's loss needs only the clean views, IDIF's also the
+pseudo-anomalous ones (data.PseudoAnomalies). After the last epoch the run is evaluated by
+eval.py's `main`, which writes metrics.json, metrics.md and the pictures into --out; a run whose
+settings are not the papers' says so in one line, with the papers' command (eval.protocol_note).
 
 Profiles: with a GPU the defaults are the papers' settings (256x256, batch 8 samples, 100 epochs);
 on a CPU a small profile (`PROFILES["cpu"]`: 128x128, batch 4, 15 epochs, per-camera score
@@ -47,7 +49,7 @@ from mvad import FrozenEncoder
 # views (eval.py, REFERENCE 6). Off in the papers' setting; on in the CPU profile, where the short
 # training leaves one camera's scores far above the others' and the max would hide side-view defects.
 PROFILES = {
-    "gpu": PAPER_SETTINGS,  # image_size=256, batch_size=8, epochs=100, view_norm=False
+    "gpu": dict(PAPER_SETTINGS),  # image_size=256, batch_size=8, epochs=100, view_norm=False
     "cpu": dict(image_size=128, batch_size=4, epochs=15, view_norm=True),
 }
 
@@ -306,9 +308,10 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def fit_batch(cfg: TrainConfig, samples: int, world: int, log) -> TrainConfig:
-    """The training loader drops the last partial batch, as the official code's (`drop_last=True`);
-    a split with fewer samples than a batch would then train on nothing, so the batch shrinks to
-    the samples (a multiple of the processes), said in one line."""
+    """The training loader drops the last partial batch, as the official code's (lewandofskee/MVAD
+    data/__init__.py, `drop_last` True in configs/__base__/cfg_common.py); a split with fewer
+    samples than a batch would then train on nothing, so the batch shrinks to the samples (a
+    multiple of the processes), said in one line."""
     if samples >= cfg.batch_size:
         return cfg
     if samples < world:
@@ -370,7 +373,8 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
         scheduler.step()
         seconds = time.perf_counter() - started
         history.append({"epoch": epoch + 1, "loss": total / len(loader), "seconds": seconds,
-                        "samples_per_s": len(loader) * cfg.batch_size / seconds, "lr": optimizer.param_groups[0]["lr"]})
+                        "samples_per_s": len(loader) * cfg.batch_size / seconds,  # samples trained: full batches
+                        "lr": optimizer.param_groups[0]["lr"]})
         log(f"epoch {epoch + 1}/{cfg.epochs}  loss {history[-1]['loss']:.4f}  {seconds:.1f} s  "
             f"{history[-1]['samples_per_s']:.1f} samples/s")
         if rank == 0:
