@@ -330,10 +330,11 @@ def test_command_line_exit_status(tmp_path):
 
 @pytest.fixture(scope="module")
 def evaluated_run(synthetic_root, tmp_path_factory) -> Path:
-    """A run folder as train.py leaves it: an (untrained, tiny) MVAD checkpoint, evaluated."""
+    """A run folder as train.py leaves it on a CPU: an (untrained, tiny) MVAD checkpoint, evaluated
+    with view-norm."""
     run = tmp_path_factory.mktemp("run")
     main(EvalConfig(checkpoint=str(save_checkpoint(run / "last.pt", "mvad", synthetic_root)), device="cpu",
-                    num_figures=0))
+                    num_figures=0, view_norm=True))
     return run
 
 
@@ -343,7 +344,8 @@ def predict_cli(run: Path, images: list, out: Path) -> int:
 
 def test_predict_scores_samples_as_the_evaluation_does(evaluated_run, synthetic_root, tmp_path, capsys):
     """Folders of Real-IAD-named views (the masks beside them are skipped): each view gets the score the
-    evaluation gives it, each sample the verdict of the stored F1-max threshold, a picture each."""
+    evaluation gives it (z-scored with the stored camera statistics), each sample the verdict of the
+    stored F1-max threshold, a picture each."""
     defective = next(synthetic_root.rglob("*_NG_*_C1_*.jpg")).parent  # 5 views and their masks
     normal = next(synthetic_root.rglob("*_OK_C1_*.jpg")).parent
     assert predict_cli(evaluated_run, [defective, normal], tmp_path) == 0
@@ -354,9 +356,12 @@ def test_predict_scores_samples_as_the_evaluation_does(evaluated_run, synthetic_
     test = {item["sample_id"]: item for item in data.RealIAD(synthetic_root, "zipper", "test", image_size=SIZE)}
     model = load_model(str(evaluated_run / "last.pt"))[0]
     assert len(report["samples"]) == 2
+    mean, std = torch.tensor(stored["view_stats"])  # (V,) each
+    assert report["view_norm"] and (std > 0).all()
     for result in report["samples"]:
-        expected = model.anomaly_map(test[result["sample_id"]]["images"][None]).amax((-2, -1))[0]  # (V,)
-        assert [view["score"] for view in result["views"]] == pytest.approx(expected.tolist(), abs=1e-5)
+        raw = model.anomaly_map(test[result["sample_id"]]["images"][None]).amax((-2, -1))[0]  # (V,)
+        scores = torch.tensor([view["score"] for view in result["views"]])  # (V,) z-scores
+        torch.testing.assert_close(scores * std + mean, raw, rtol=0, atol=1e-6)  # float32 layouts differ
         assert [Path(view["path"]).name.split("_")[-2] for view in result["views"]] == list(data.CAMERAS)
         assert result["anomalous"] == (result["score"] >= stored["sample_threshold"])
         assert (tmp_path / result["picture"]).is_file()
