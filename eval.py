@@ -1,4 +1,4 @@
-"""Evaluate a trained MVAD or IDIF run at sample, image and pixel level, in bounded memory.
+"""Evaluate a trained MVAD, IDIF or PatchCore run at sample, image and pixel level, in bounded memory.
 
 Prints a table in the papers' format and writes metrics.json, metrics.md and pictures (PNG).
 
@@ -49,8 +49,10 @@ from tqdm import tqdm
 import data
 from idif import IDIF, IDIFConfig
 from mvad import MVAD, MVADConfig
+from patchcore import PatchCore, PatchCoreConfig
 
-METHODS = {"mvad": (MVADConfig, MVAD), "idif": (IDIFConfig, IDIF)}
+# name -> (config dataclass, model): every model has anomaly_map(images, view_mask) -> (B, V, H, W)
+METHODS = {"mvad": (MVADConfig, MVAD), "idif": (IDIFConfig, IDIF), "patchcore": (PatchCoreConfig, PatchCore)}
 LEVEL_KEYS = {"sample": ("auroc", "ap", "f1_max"), "image": ("auroc", "ap", "f1_max"),
               "pixel": ("auroc", "ap", "f1_max", "aupro")}
 
@@ -468,7 +470,7 @@ def evaluate(model, dataset, device, drop_views: int = 0, batch_size: int = 8, w
     """Streams the test split through the model once and computes every metric.
 
     Args:
-        model: MVAD or IDIF in eval mode, on `device`.
+        model: a model of METHODS in eval mode, on `device`.
         dataset: RealIAD-like test split (items: images (V, 3, H, W), masks (V, 1, H, W),
             label, sample_id, category).
         drop_views: views removed per sample (through the model's view_mask), 0 <= k < V.
@@ -650,7 +652,7 @@ def load_model(path: str):
     method = checkpoint["method"]
     if method not in METHODS:
         raise data.UserError(f"--checkpoint {path}: method {method!r} is unknown; eval.py evaluates "
-                             f"{' and '.join(METHODS)} runs written by train.py")
+                             f"{', '.join(METHODS)} runs written by train.py")
     config_class, model_class = METHODS[method]
     try:
         model = model_class(config_class(**{**checkpoint["config"], "weights": "none"}))
@@ -754,6 +756,7 @@ def main(cfg: EvalConfig) -> dict:
         "checkpoint": str(cfg.checkpoint), "method": checkpoint["method"], "epoch": checkpoint.get("epoch"),
         "data_root": str(root), "categories": sorted(collected["levels"]), "image_size": image_size,
         "samples": len(test_set), "views": V, "drop_views": cfg.drop_views, "view_norm": cfg.view_norm,
+        "positive_samples": sum(int(curves["sample"][1].sum()) for curves in collected["levels"].values()),
         "images": sum(len(curves["image"][0]) for curves in collected["levels"].values()),
         "seed": cfg.seed, "pixel_bins": cfg.bins}
 
