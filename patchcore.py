@@ -23,11 +23,16 @@ banks (1 or V), M entries per bank, Q query patches, K coreset size.
 Run: `python train.py --method patchcore --category zipper`; tests: `python -m pytest tests/test_patchcore.py`.
 
 Choices where the paper is silent, and where we differ from the official code:
-- Multi-view: the paper is single-view. `per_camera=False` keeps one memory bank over all views of
-  the training set (a test view is compared with every camera's patches); `per_camera=True` keeps
-  one bank per camera, each the coreset of its camera's patches (a test view is compared with its
-  own camera's patches only; the same bank size in total, 1/V of the search per query). Measured on
-  the synthetic zipper (train.py's CPU profile, 2-core AMD EPYC): see `PatchCoreConfig.per_camera`.
+- Multi-view: the paper is single-view. `per_camera=True` (our default) keeps one memory bank per
+  camera, the coreset of that camera's patches, and compares a test view with its own camera's
+  bank only; `per_camera=False` keeps one bank over all views. Both keep 10% of the patches in total.
+  Measured on the synthetic zipper (`python train.py --method patchcore --category zipper`: the CPU
+  profile, 128 px, view-norm on, random-init WideResNet50-2 calibrated; seeds 42, 43, 44; mean and
+  std): per camera sample AUROC 90.6 +- 1.7, image 84.2 +- 2.2, pixel 93.6 +- 0.5, AU-PRO 77.6 +- 1.5,
+  fit 14.5 s; one bank 85.4 +- 2.7, 80.5 +- 1.1, 94.5 +- 0.4, 80.6 +- 0.9, fit 28.0 s. We keep one
+  bank per camera: better at sample and image level, half the fit and 1/V of the search, for about
+  1 point of pixel AUROC and 3 of AU-PRO. Its scores need the per-camera normalisation more (seed
+  42 without view-norm: sample AUROC 84.7 per camera, 87.2 with one bank).
 - Distance: the paper writes the L2 distance (eq. 6); the official code searches with faiss
   IndexFlatL2, which returns squared distances, and scores with them: we follow the code.
 - Image score: the official code takes the max of the patch scores before upsampling and smoothing;
@@ -174,8 +179,7 @@ class PatchCoreConfig:
     width: int = 1024  # D, feature width after pooling over channels (paper: 1024)
     coreset_fraction: float = 0.1  # share of the training patches kept in the bank (paper: 0.1; also 0.01)
     projection_dim: int = 128  # d, random projection on which the coreset is chosen (paper: 128)
-    # one bank per camera instead of one over all views (paper: single-view, silent); see the module docstring
-    per_camera: bool = False
+    per_camera: bool = True  # one bank per camera, not one over all views (paper: single-view; see above)
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly maps in pixels (paper: 4)
 
 
@@ -224,7 +228,10 @@ class PatchCore(nn.Module):
         features = torch.cat([self.embed(images).flatten(2, 3) for images in batches])  # (S, V, P, D)
         S, V, P, D = features.shape
         # STEP 2: the patches of each bank: all views together, or camera by camera
-        pools = features.transpose(0, 1).reshape(V, S * P, D) if self.cfg.per_camera else features.reshape(1, -1, D)
+        if self.cfg.per_camera:
+            pools = features.transpose(0, 1).reshape(V, S * P, D)  # (V, S*P, D)
+        else:
+            pools = features.reshape(1, S * V * P, D)  # (1, S*V*P, D)
         # STEP 3: greedy coreset subsampling (Sec. 3.2, Alg. 1) of each bank
         generator = torch.Generator().manual_seed(seed)
         banks = [pool[coreset_indices(pool, self.cfg.coreset_fraction, self.cfg.projection_dim, generator)]

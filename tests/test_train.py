@@ -57,12 +57,12 @@ def test_patchcore_fits_a_memory_bank_without_epochs_and_resumes_without_refitti
                                                                                    capsys, monkeypatch):
     metrics = train.main(tiny("patchcore", synthetic, tmp_path))
     printed = capsys.readouterr().out
-    assert "training-free" in printed and "memory bank: 128 of 1280 training patches in 1 bank(s)" in printed
+    assert "training-free" in printed and "memory bank: 125 of 1280 training patches in 5 bank(s)" in printed
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["method"] == "patchcore" and "optimizer" not in state
-    assert state["model"]["memory_bank"].shape == (1, 128, 64)  # 10% of 4 samples x 5 views x 8 x 8 patches
+    assert state["model"]["memory_bank"].shape == (5, 25, 64)  # per camera: 10% of 4 samples x 8 x 8 patches
     history = json.loads((tmp_path / "history.json").read_text())
-    assert history[0]["bank_size"] == 128 and history[0]["seconds"] > 0
+    assert history[0]["bank_size"] == 125 and history[0]["seconds"] > 0
     assert 0.0 <= metrics["sample"]["auroc"] <= 1.0 and 0.0 <= metrics["pixel"]["aupro"] <= 1.0
     assert (tmp_path / "metrics.md").is_file() and (tmp_path / "roc.png").is_file()
 
@@ -72,8 +72,8 @@ def test_patchcore_fits_a_memory_bank_without_epochs_and_resumes_without_refitti
     monkeypatch.setattr("patchcore.PatchCore.fit", no_refit)
     again = train.main(dataclasses.replace(tiny("patchcore", synthetic, tmp_path), resume=True))
     assert again["sample"] == metrics["sample"] and again["pixel"] == metrics["pixel"]
-    parsed = train.parse_args(["--method", "patchcore", "--set", "per_camera=true", "--set", "coreset_fraction=0.01"])
-    assert parsed.model == {"per_camera": True, "coreset_fraction": 0.01}
+    parsed = train.parse_args(["--method", "patchcore", "--set", "per_camera=false", "--set", "coreset_fraction=0.01"])
+    assert parsed.model == {"per_camera": False, "coreset_fraction": 0.01}
 
 
 class Interrupted(Exception):
