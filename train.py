@@ -313,9 +313,9 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
 def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     log = print if rank == 0 else (lambda *args: None)
     profile = "gpu (the papers' settings)" if device.type == "cuda" else "cpu (small and quick)"
-    epochs = f"{cfg.epochs} epochs" if OPTIMIZERS[cfg.method] else "training-free"
+    schedule = f"{cfg.epochs} epochs" if OPTIMIZERS[cfg.method] else "training-free"
     log(f"{cfg.method} on {cfg.category}: {profile} profile: image {cfg.image_size}, batch "
-        f"{cfg.batch_size}, {epochs}, view-norm {'on' if cfg.view_norm else 'off'}, device {device}, "
+        f"{cfg.batch_size}, {schedule}, view-norm {'on' if cfg.view_norm else 'off'}, device {device}, "
         f"{world} process(es)")
     root = data_root_for(cfg, log)
     cfg = dataclasses.replace(cfg, data_root=str(root))  # eval.py reads the same folder

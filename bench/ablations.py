@@ -220,15 +220,17 @@ def cell(stat: tuple, scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
-def markdown(results: dict, variants: list[str], categories: list[str]) -> str:
-    """The tables of ablations.md: metrics per variant, then the missing-view curve, per category."""
-    s = results["settings"]
+def markdown(results: dict) -> str:
+    """The tables of ablations.md: per category in the JSON, the metrics per variant, then the
+    missing-view curve; last, the time all runs took."""
+    s, runs = results["settings"], results["runs"].values()
+    categories = list(dict.fromkeys(r["category"] for r in runs))
     lines = ["# Ablations", "", f"Profile {s['profile']}: {s['image_size']} px, batch {s['batch_size']}, "
              f"{s['epochs']} epochs, view-norm {'on' if s['view_norm'] else 'off'}, weights {s['weights']}, "
              f"device {s['device']}; data: {s['data']}. Mean ± standard deviation over the seeds, in percent; "
-             "train s: train.main's wall time; parameters in millions (trainable in brackets).", ""]
+             "train s: train.main's wall time (the first run of a category also generates the synthetic data); parameters in millions (trainable in brackets).", ""]
     for category in categories:
-        rows = {v: summarize(results["runs"], category, v) for v in variants}
+        rows = {v: summarize(results["runs"], category, v) for v in VARIANTS}
         rows = {v: r for v, r in rows.items() if r is not None}
         if not rows:
             continue
@@ -245,16 +247,19 @@ def markdown(results: dict, variants: list[str], categories: list[str]) -> str:
         lines += [f"| {VARIANTS[v][0]} | " + " | ".join(cell(r["curve"][k]) for k in K) + " |" for v, r in rows.items()]
         positives = next(iter(rows.values()))["positives"]
         lines += ["| defective samples left | " + " | ".join(f"{positives[k]:.1f}" for k in K) + " |", ""]
+    minutes = sum(r["train_seconds"] + r["eval_seconds"] + r["curve_seconds"] for r in runs) / 60
+    lines.append(f"{len(runs)} runs took {minutes // 60:.0f} h {minutes % 60:.0f} min (training, evaluation "
+                 "and the missing-view curves).")
     return "\n".join(lines) + "\n"
 
 
-def write(results: dict, args, variants: list[str], categories: list[str]) -> None:
+def write(results: dict, args) -> None:
     """The JSON (atomically: a killed call leaves the previous file) and the markdown table."""
     payload = {"benchmark": "ablations", "machine": common.machine_info(args.device), "results": results}
     tmp = args.json.with_name(args.json.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, args.json)
-    args.json.with_suffix(".md").write_text(markdown(results, variants, categories))
+    args.json.with_suffix(".md").write_text(markdown(results))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -296,13 +301,13 @@ def main(argv=None) -> dict:
     for n, (category, variant, seed) in enumerate(todo, 1):
         run = one_run(args, settings, variant, category, seed)
         results["runs"][f"{category}/{variant}/{seed}"] = run
-        write(results, args, variants, categories)
+        write(results, args)
         seconds = run["train_seconds"] + run["eval_seconds"] + run["curve_seconds"]
         print(f"[{n}/{len(todo)}] {category} {variant} seed {seed}: sample AUROC {percent(run['sample_auroc'])}, "
               f"train {run['train_seconds']:.0f} s, eval {run['eval_seconds']:.0f} s, missing views "
               f"{run['curve_seconds']:.0f} s: {seconds / 60:.1f} min ({(time.perf_counter() - started) / 60:.1f} "
               "min since the start)")
-    write(results, args, variants, categories)
+    write(results, args)
     print(f"wrote {args.json} and {args.json.with_suffix('.md').name}")
     return results
 
