@@ -16,9 +16,9 @@ Nothing is trained: one pass over the normal training images fills a memory bank
                  upsampling to the input, Gaussian sigma 4
     image score = max of its map, sample score = max over its views (eval.py)
 
-Shape legend: B samples (S training samples), V views per sample, N images (B*V), C channels, H, W input size, h, w the
-stage-2 grid (H/8, W/8), P = h*w patches per image, D feature width, d projection width, G memory
-banks (1 or V), M entries per bank, Q query patches, K coreset size.
+Shape legend: B samples (S training samples), V views per sample, N images (B*V), C channels, H, W
+input size, h, w the stage-2 grid (H/8, W/8), P = h*w patches per image, D feature width, d projection
+width, G memory banks (1 or V), M entries per bank, Q query patches, K coreset size.
 
 Run: `python train.py --method patchcore --category zipper`; tests: `python -m pytest tests/test_patchcore.py`.
 
