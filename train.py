@@ -1,6 +1,7 @@
-"""Train MVAD or IDIF on Real-IAD (or the built-in synthetic multi-view dataset), then evaluate.
+"""Train MVAD or IDIF, or fit PatchCore, on Real-IAD (or the built-in synthetic multi-view data), then evaluate.
 
     python train.py --method idif --category zipper             # offline: synthetic data, CPU or GPU
+    python train.py --method patchcore --category zipper        # the single-view baseline: no epochs
     python train.py --method mvad --category all --data-root /data/Real-IAD
     torchrun --nproc_per_node=4 train.py --method mvad --category all --data-root /data/Real-IAD
     python train.py --method idif --category zipper --resume    # continue runs/idif_zipper/last.pt
@@ -8,9 +9,12 @@
 
 One loop serves both methods: a batch is (B, V, 3, H, W), the last partial one dropped as in the
 official code (`fit_batch`); MVAD's loss needs only the clean views, IDIF's also the
-pseudo-anomalous ones (data.PseudoAnomalies). After the last epoch the run is evaluated by
-eval.py's `main`, which writes metrics.json, metrics.md and the pictures into --out; a run whose
-settings are not the papers' says so in one line, with the papers' command (eval.protocol_note).
+pseudo-anomalous ones (data.PseudoAnomalies). PatchCore (patchcore.py) is training-free: no
+optimizer and no epochs (OPTIMIZERS["patchcore"] is None); one pass over the training images fills
+its memory bank, saved in last.pt like a trained model. After the last epoch (or the fit) the run
+is evaluated by eval.py's `main`, which writes metrics.json, metrics.md and the pictures into
+--out; a run whose settings are not the papers' says so in one line, with the papers' command
+(eval.protocol_note).
 
 Profiles: with a GPU the defaults are the papers' settings (256x256, batch 8 samples, 100 epochs);
 on a CPU a small profile (`PROFILES["cpu"]`: 128x128, batch 4, 15 epochs, per-camera score
@@ -56,20 +60,21 @@ PROFILES = {
 # Per method: AdamW with the base learning rate per 16 images (the ADer rule of the official MVAD
 # code: lr = base * images per step / 16), weight decay on weights only, step decay x0.1 at 80% of
 # the epochs, gradient-norm clip. MVAD's is the official recipe. IDIF: paper is silent; we use the
-# same recipe with a lower base rate for its attention fusion.
+# same recipe with a lower base rate for its attention fusion. None: a training-free method.
 OPTIMIZERS = {
     "mvad": dict(base_lr=0.005, weight_decay=1e-4, clip=5.0),
     "idif": dict(base_lr=0.002, weight_decay=1e-4, clip=5.0),
+    "patchcore": None,  # one pass over the training images fills its memory bank
 }
 
 
 @dataclass
 class TrainConfig:
-    method: str = "idif"  # mvad | idif
+    method: str = "idif"  # mvad | idif | patchcore
     category: str = "zipper"  # a Real-IAD category, a comma list, or "all" (multi-class)
     data_root: str | None = None  # Real-IAD folder; None: $REALIAD_ROOT or ./data/realiad, else synthetic
     out: str | None = None  # run folder; None: runs/<method>_<category>
-    epochs: int | None = None  # None: the profile's (paper: 100)
+    epochs: int | None = None  # None: the profile's (paper: 100); PatchCore has none
     batch_size: int | None = None  # samples of V views per step, over all processes (paper: 8)
     image_size: int | None = None  # input side in pixels; None: the profile's (paper: 256)
     lr: float | None = None  # None: OPTIMIZERS' base rate x images per step / 16
@@ -203,10 +208,13 @@ def training_set(cfg: TrainConfig, root: Path):
 
 
 def build_model(cfg: TrainConfig, views: int, device) -> tuple:
-    """(the method's config, the model seeded from --seed and placed on `device`, its AdamW)."""
+    """(the method's config, the model seeded from --seed and placed on `device`, its AdamW; None for
+    a training-free method)."""
     torch.manual_seed(cfg.seed)  # the model's initial weights
     model_cfg = model_config(cfg, views)
     model = place(METHODS[cfg.method][1](model_cfg), device)
+    if OPTIMIZERS[cfg.method] is None:
+        return model_cfg, model, None
     lr = cfg.lr or default_lr(cfg.method, cfg.batch_size, views)
     return model_cfg, model, build_optimizer(model, cfg.method, lr)
 
@@ -325,8 +333,9 @@ def fit_batch(cfg: TrainConfig, samples: int, world: int, log) -> TrainConfig:
 def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     log = print if rank == 0 else (lambda *args: None)
     profile = "gpu (the papers' settings)" if device.type == "cuda" else "cpu (small and quick)"
+    schedule = f"{cfg.epochs} epochs" if OPTIMIZERS[cfg.method] else "training-free"
     log(f"{cfg.method} on {cfg.category}: {profile} profile: image {cfg.image_size}, batch "
-        f"{cfg.batch_size}, {cfg.epochs} epochs, view-norm {'on' if cfg.view_norm else 'off'}, device {device}, "
+        f"{cfg.batch_size}, {schedule}, view-norm {'on' if cfg.view_norm else 'off'}, device {device}, "
         f"{world} process(es)")
     root = data_root_for(cfg, log)
     cfg = dataclasses.replace(cfg, data_root=str(root))  # eval.py reads the same folder
@@ -339,6 +348,8 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
                           "random_encoder": random_encoder}, root, bool(cfg.view_norm))
     if note:
         log(note)
+    if optimizer is None:  # training-free: rank 0 fits, the other processes have nothing to do
+        return fit_memory_bank(cfg, model, model_cfg, train_set, device, log) if rank == 0 else {}
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [max(1, int(0.8 * cfg.epochs))], gamma=0.1)
     out = Path(cfg.out)
     checkpoint_path = out / "last.pt"
@@ -387,6 +398,38 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
 
     if rank != 0 or not cfg.evaluate:
         return {}
+    return evaluate_checkpoint(cfg, checkpoint_path, device)
+
+
+def fit_memory_bank(cfg: TrainConfig, model, model_cfg, train_set, device: torch.device, log) -> dict:
+    """A training-free run (PatchCore): one pass over the training images fills the memory bank,
+    saved atomically in last.pt with the frozen encoder; then the same evaluation as a trained run.
+    With --resume an existing bank is evaluated again, not refitted."""
+    out, checkpoint_path = Path(cfg.out), Path(cfg.out) / "last.pt"
+    if cfg.resume:
+        model.load_state_dict(load_checkpoint(checkpoint_path, cfg.method)["model"])
+        log(f"Resuming {checkpoint_path}: its memory bank is fitted already")
+    else:
+        random_encoder = any(m.needs_calibration for m in model.modules() if isinstance(m, FrozenEncoder))
+        calibrate_frozen_encoders(model, train_set, device, log)
+        started = time.perf_counter()
+        loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                            pin_memory=device.type == "cuda")
+        batches = (batch["images"].to(device) for batch in tqdm(loader, desc="memory bank", leave=False))
+        fit = model.fit(batches, seed=cfg.seed)
+        fit["seconds"] = time.perf_counter() - started
+        mib = model.memory_bank.numel() * model.memory_bank.element_size() / 2**20
+        log(f"memory bank: {fit['bank_size']} of {fit['patches']} training patches in {fit['banks']} bank(s), "
+            f"{mib:.0f} MiB, fitted in {fit['seconds']:.1f} s")
+        save_atomically({"method": cfg.method, "config": dataclasses.asdict(model_cfg), "model": model.state_dict(),
+                         "seed": cfg.seed, "history": [fit], "train": dataclasses.asdict(cfg),
+                         "random_encoder": random_encoder}, checkpoint_path)
+        (out / "history.json").write_text(json.dumps([fit], indent=1))
+    return evaluate_checkpoint(cfg, checkpoint_path, device) if cfg.evaluate else {}
+
+
+def evaluate_checkpoint(cfg: TrainConfig, checkpoint_path: Path, device: torch.device) -> dict:
+    """eval.py's main on the run's checkpoint, with the run's device, workers and view-norm setting."""
     return evaluate_run(EvalConfig(checkpoint=str(checkpoint_path), device=str(device), workers=cfg.workers,
                                    view_norm=cfg.view_norm, export_adeval=cfg.export_adeval))
 

@@ -295,7 +295,7 @@ def bad_checkpoint(kind: str, tmp_path: Path) -> Path:
     if kind == "corrupt":
         path.write_bytes(b"PK\x03\x04 this is not a whole checkpoint")
     elif kind == "unknown":
-        torch.save({"method": "patchcore", "config": {}, "model": {}}, path)
+        torch.save({"method": "padim", "config": {}, "model": {}}, path)
     elif kind == "other":  # says MVAD, holds IDIF's config and weights
         cfg = IDIFConfig(image_size=SIZE, weights="none", fusion_blocks=1)
         torch.save({"method": "mvad", "config": dataclasses.asdict(cfg), "model": IDIF(cfg).state_dict()}, path)
@@ -305,7 +305,7 @@ def bad_checkpoint(kind: str, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("kind,message", [
     ("missing", r"--checkpoint \S+missing\.pt: no such file; pass the last\.pt that train\.py wrote"),
     ("corrupt", r"--checkpoint \S+corrupt\.pt: not a readable PyTorch checkpoint \(\w+\)"),
-    ("unknown", r"--checkpoint \S+unknown\.pt: method 'patchcore' is unknown; eval\.py evaluates mvad and idif"),
+    ("unknown", r"--checkpoint \S+unknown\.pt: method 'padim' is unknown; eval\.py evaluates mvad, idif, patchcore"),
     ("other", r"--checkpoint \S+other\.pt: its config and weights do not fit a mvad model \(.+\)"),
 ])
 def test_bad_checkpoints_give_one_line_errors(kind, message, tmp_path, capsys):

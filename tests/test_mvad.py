@@ -302,6 +302,32 @@ def test_official_size_and_cost():
     assert mvas / 2 / 1e9 == pytest.approx(0.76, abs=0.01)  # REFERENCE: all MVAS about 0.76 GMACs
 
 
+def test_rd_without_mvas_has_no_mvas_parameters_and_scores_each_view_alone():
+    torch.manual_seed(0)
+    full = MVAD(tiny_config())
+    torch.manual_seed(0)
+    rd = MVAD(tiny_config(mvas=False)).eval()
+    assert rd.fusion is None and not any(name.startswith("fusion") for name in rd.state_dict())
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    mvas_blocks = sum(p.numel() for p in full.fusion.parameters())
+    assert mvas_blocks > 0 and count(full) - count(rd) == mvas_blocks
+    images = torch.randn(2, 3, 3, 64, 64)
+    teacher, student = rd.features(images)
+    expected = rd.decoder(rd.bottleneck(*rd.encoder(images.flatten(0, 1))))  # encoder -> OCBE -> decoder
+    for s, e, t in zip(student, expected, teacher):
+        torch.testing.assert_close(s, e)
+        assert s.shape == t.shape
+    maps = rd.anomaly_map(images)
+    assert maps.shape == (2, 3, 64, 64) and torch.isfinite(maps).all() and (maps >= 0).all()
+    changed = images.clone()
+    changed[0, 1] = torch.randn(3, 64, 64)
+    new = rd.anomaly_map(changed)  # no MVAS: the other views of the sample do not see view 1
+    torch.testing.assert_close(new[0, [0, 2]], maps[0, [0, 2]])
+    assert (new[0, 1] - maps[0, 1]).abs().max() > 1e-4
+    rd.train()(images).backward()
+    assert all(p.grad is not None for p in rd.parameters() if p.requires_grad)
+
+
 def test_changing_one_view_changes_its_sample_only():
     torch.manual_seed(0)
     model = MVAD(tiny_config()).eval()

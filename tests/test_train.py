@@ -17,7 +17,8 @@ import train
 ROOT = Path(__file__).resolve().parents[1]
 # Small models: MVAS with few windows, a small voxel; 64x64 images, 4 + 2 + 2 synthetic samples.
 TINY_MODEL = {"mvad": {"n_win": (2, 2, 2), "blocks": (1, 1, 1)},
-              "idif": {"voxel_size": (2, 4, 4), "fusion_blocks": 1}}
+              "idif": {"voxel_size": (2, 4, 4), "fusion_blocks": 1},
+              "patchcore": {"backbone": "resnet18", "width": 64}}
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,29 @@ def test_tiny_run_trains_checkpoints_and_evaluates(method, synthetic, tmp_path):
     history = json.loads((tmp_path / "history.json").read_text())
     assert len(history) == 1 and history[0]["loss"] > 0
     assert (tmp_path / "roc.png").is_file() and list(tmp_path.glob("example_*.png"))
+
+
+def test_patchcore_fits_a_memory_bank_without_epochs_and_resumes_without_refitting(synthetic, tmp_path,
+                                                                                   capsys, monkeypatch):
+    metrics = train.main(tiny("patchcore", synthetic, tmp_path))
+    printed = capsys.readouterr().out
+    assert "training-free" in printed and "memory bank: 125 of 1280 training patches in 5 bank(s)" in printed
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["method"] == "patchcore" and "optimizer" not in state
+    assert state["model"]["memory_bank"].shape == (5, 25, 64)  # per camera: 10% of 4 samples x 8 x 8 patches
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history[0]["bank_size"] == 125 and history[0]["seconds"] > 0
+    assert 0.0 <= metrics["sample"]["auroc"] <= 1.0 and 0.0 <= metrics["pixel"]["aupro"] <= 1.0
+    assert (tmp_path / "metrics.md").is_file() and (tmp_path / "roc.png").is_file()
+
+    def no_refit(*args, **kwargs):
+        raise AssertionError("--resume refitted the memory bank")
+
+    monkeypatch.setattr("patchcore.PatchCore.fit", no_refit)
+    again = train.main(dataclasses.replace(tiny("patchcore", synthetic, tmp_path), resume=True))
+    assert again["sample"] == metrics["sample"] and again["pixel"] == metrics["pixel"]
+    parsed = train.parse_args(["--method", "patchcore", "--set", "per_camera=false", "--set", "coreset_fraction=0.01"])
+    assert parsed.model == {"per_camera": False, "coreset_fraction": 0.01}
 
 
 class Interrupted(Exception):
@@ -164,7 +188,7 @@ def run_cli(*args, cwd=ROOT, env=None, timeout=120):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "patchcore"], "invalid choice: 'patchcore'"),
+    (["--method", "padim"], "invalid choice: 'padim'"),
     (["--category", "spoon", "--data-root", "{synthetic}"], "unknown category 'spoon'"),
     (["--data-root", "{tmp}/nowhere"], "--data-root {tmp}/nowhere: no such folder"),
     (["--data-root", "{synthetic}", "--out", "/proc/forbidden"], "--out /proc/forbidden: cannot write"),
