@@ -1,5 +1,5 @@
 """IDIF: every part on its own (shapes for V = 2, 3, 5; the decoupling identity; L_IB's gradient
-reaching f_c; masked attention against attention over the kept tokens; the STN's rotations), then the
+reaching f_c; masked attention against attention over the kept tokens; the STN's turns), then the
 model (the dropped-view invariance in training and at test time, the cross-view influence,
 determinism in eval mode, training lowers the loss, the component switches) and the error messages."""
 import copy
@@ -18,7 +18,6 @@ from idif import (
     IDIFConfig,
     ImplicitVoxel,
     ViewDecoder,
-    camera_layout,
     distillation_loss,
     kl_divergence,
     masked_attention,
@@ -27,7 +26,6 @@ from idif import (
     rotate_and_project,
     sample_view_mask,
     sine_positional_encoding,
-    view_rotations,
 )
 
 SIZE = 64  # input side in the tests: f_E / f_s grid 4x4, teacher scales 16, 8, 4
@@ -192,30 +190,20 @@ def test_implicit_voxel_shapes_and_masked_views(views):
 @pytest.mark.parametrize("views", [2, 3, 5])
 def test_stn_at_theta_zero_is_the_depth_mean_then_upsampled(views):
     voxel = torch.randn(2, 8, 4, 6, 6)
-    projected = rotate_and_project(voxel, torch.zeros(views, 2), (12, 12))
+    projected = rotate_and_project(voxel, torch.zeros(views), (12, 12))
     expected = F.interpolate(voxel.mean(dim=2), size=(12, 12), mode="bilinear", align_corners=False)
     assert projected.shape == (2, views, 8, 12, 12)
     for v in range(views):
         assert_close(projected[:, v], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_stn_azimuth_turns_about_the_height_axis_and_elevation_looks_down():
-    voxel = torch.randn(1, 8, 6, 6, 6)  # (B, C, D, Hv, Wv), cubic: rotated cell centres land on cell centres
-    half_turn = rotate_and_project(voxel, torch.tensor([[math.pi, 0.0]]), (6, 6))[:, 0]
-    assert_close(half_turn, voxel.mean(dim=2).flip(-1), atol=1e-5, rtol=1e-5)  # x -> -x, z -> -z
-    top = rotate_and_project(voxel, torch.tensor([[0.0, math.pi / 2]]), (6, 6))[:, 0]
-    # looking down: the mean over the height axis; image rows run along depth, the far side on top
-    assert_close(top, voxel.mean(dim=3).flip(-2), atol=1e-5, rtol=1e-5)
-
-
-def test_view_rotations_are_proper_rotations_and_the_layout_is_real_iads():
-    theta = torch.randn(7, 2)
-    R = view_rotations(theta)
-    assert_close(R @ R.transpose(1, 2), torch.eye(3).expand(7, 3, 3), atol=1e-6, rtol=0)
-    assert_close(torch.linalg.det(R), torch.ones(7))  # no mirror image
-    layout = camera_layout(5).rad2deg()  # C1 from above, C2..C5 around at 35 degrees
-    assert_close(layout, torch.tensor([[0.0, 90.0], [0.0, 35.0], [90.0, 35.0], [180.0, 35.0], [270.0, 35.0]]))
-    assert torch.equal(STN(5).theta.detach(), camera_layout(5))
+def test_stn_turns_about_the_height_axis():
+    voxel = torch.randn(1, 8, 6, 6, 6)  # (B, C, D, Hv, Wv), cubic: turned cell centres land on cell centres
+    turns = rotate_and_project(voxel, torch.tensor([math.pi, math.pi / 2]), (6, 6))  # (B, V, C, h, w)
+    assert_close(turns[:, 0], voxel.mean(dim=2).flip(-1), atol=1e-5, rtol=1e-5)  # x -> -x, z -> -z
+    # a quarter turn: the view looks along the voxel's width; its columns run along the depth axis
+    assert_close(turns[:, 1], voxel.mean(dim=4).transpose(-2, -1), atol=1e-5, rtol=1e-5)
+    assert_close(STN(4).theta.detach(), torch.tensor([0.0, 0.5, 1.0, 1.5]) * math.pi)  # evenly over 2 pi
 
 
 def test_view_decoder_outputs_the_teacher_scales():
