@@ -219,14 +219,15 @@ def build_model(cfg: TrainConfig, views: int, device) -> tuple:
     return model_cfg, model, build_optimizer(model, cfg.method, lr)
 
 
-def train_step(net: torch.nn.Module, optimizer, batch: dict, method: str, device) -> torch.Tensor:
-    """One optimisation step (net: the model or its DDP wrapper); returns the loss."""
-    loss = training_loss(net, batch, method, device)
+def train_step(net: torch.nn.Module, optimizer, batch: dict, method: str, device) -> dict[str, float]:
+    """One optimisation step (net: the model or its DDP wrapper); returns the loss and the parts the
+    model reports (IDIF: L_Distill, L_IB, KL, mean Sigma) as floats."""
+    parts = training_loss(net, batch, method, device)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    parts["loss"].backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), OPTIMIZERS[method]["clip"])
     optimizer.step()
-    return loss
+    return dict(zip(parts, torch.stack([v.detach() for v in parts.values()]).tolist()))  # one sync
 
 
 def save_atomically(state: dict, path: Path) -> None:
@@ -265,12 +266,13 @@ def calibrate_frozen_encoders(model: torch.nn.Module, dataset, device, log) -> N
         encoder.calibrate(batch["images"].flatten(0, 1).to(device) for batch in loader)
 
 
-def training_loss(model, batch: dict, method: str, device: torch.device) -> torch.Tensor:
-    """One batch's scalar loss; IDIF's student also sees the pseudo-anomalous views."""
+def training_loss(model, batch: dict, method: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """One batch's {"loss": scalar loss} and, for IDIF, the parts its forward reports (detached);
+    IDIF's student also sees the pseudo-anomalous views."""
     images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, H, W)
     if method == "idif":
         return model(images, batch["corrupted"].to(device, non_blocking=True))
-    return model(images)
+    return {"loss": model(images)}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -375,19 +377,20 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
             train_set.set_epoch(epoch)
         torch.manual_seed(cfg.seed + 1000 * (epoch + 1) + rank)  # dropout, DropPath, view dropout, noise
         model.train()
-        started, total = time.perf_counter(), 0.0
+        started, sums = time.perf_counter(), {}
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0, leave=False)
         for batch in bar:
-            loss = train_step(ddp, optimizer, batch, cfg.method, device)
-            total += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            parts = train_step(ddp, optimizer, batch, cfg.method, device)
+            sums = {name: sums.get(name, 0.0) + value for name, value in parts.items()}
+            bar.set_postfix(loss=f"{parts['loss']:.4f}")
         scheduler.step()
         seconds = time.perf_counter() - started
-        history.append({"epoch": epoch + 1, "loss": total / len(loader), "seconds": seconds,
+        means = {name: total / len(loader) for name, total in sums.items()}  # loss and its parts
+        history.append({"epoch": epoch + 1, **means, "seconds": seconds,
                         "samples_per_s": len(loader) * cfg.batch_size / seconds,  # samples trained: full batches
                         "lr": optimizer.param_groups[0]["lr"]})
-        log(f"epoch {epoch + 1}/{cfg.epochs}  loss {history[-1]['loss']:.4f}  {seconds:.1f} s  "
-            f"{history[-1]['samples_per_s']:.1f} samples/s")
+        log(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
+            + f"  {seconds:.1f} s  {history[-1]['samples_per_s']:.1f} samples/s")
         if rank == 0:
             save_atomically({"method": cfg.method, "config": dataclasses.asdict(model_cfg),
                              "model": model.state_dict(), "optimizer": optimizer.state_dict(),

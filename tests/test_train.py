@@ -50,6 +50,8 @@ def test_tiny_run_trains_checkpoints_and_evaluates(method, synthetic, tmp_path):
     assert set(json.loads((tmp_path / "metrics.json").read_text())) >= {"sample", "image", "pixel"}
     history = json.loads((tmp_path / "history.json").read_text())
     assert len(history) == 1 and history[0]["loss"] > 0
+    parts = {"distill", "ib", "kl", "sigma"} if method == "idif" else set()  # IDIF logs its loss parts
+    assert parts <= set(history[0]) and all(history[0][p] > 0 for p in parts)
     assert (tmp_path / "roc.png").is_file() and list(tmp_path.glob("example_*.png"))
 
 
