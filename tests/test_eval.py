@@ -1,6 +1,7 @@
 """eval.py as a script: tiny MVAD / IDIF checkpoints on a few synthetic samples through main(cfg),
-the dropped-view path, the report formats, the export for Real-IAD's scorer ADEval (checked against
-ADEval's own command line), `eval.py predict`, and the one-line errors of the command line."""
+the dropped-view path, view-norm and the mean over categories against oracle detectors, the report
+formats, the export for Real-IAD's scorer ADEval (checked against ADEval's own command line),
+`eval.py predict`, and the one-line errors of the command line."""
 import dataclasses
 import json
 import math
