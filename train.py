@@ -232,13 +232,19 @@ def train_step(net: torch.nn.Module, optimizer, batch: dict, method: str, device
 
 def save_atomically(state: dict, path: Path) -> None:
     """torch.save into a temporary file in the same folder, then rename over `path`: a run killed at
-    any moment leaves either the previous checkpoint or the new one, never half a file."""
+    any moment leaves either the previous checkpoint or the new one, never half a file. A write that
+    fails (a full disk) removes the temporary file and ends in a one-line error naming the folder."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise data.UserError(f"{path.parent}: cannot save {path.name} ({e.strerror or e}); free space "
+                             "there or choose another --out") from None
 
 
 def load_checkpoint(path: Path, method: str | None = None) -> dict:
@@ -383,12 +389,12 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
             parts = train_step(ddp, optimizer, batch, cfg.method, device)
             sums = {name: sums.get(name, 0.0) + value for name, value in parts.items()}
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
-        scheduler.step()
         seconds = time.perf_counter() - started
         means = {name: total / len(loader) for name, total in sums.items()}  # loss and its parts
         history.append({"epoch": epoch + 1, **means, "seconds": seconds,
                         "samples_per_s": len(loader) * cfg.batch_size / seconds,  # samples trained: full batches
-                        "lr": optimizer.param_groups[0]["lr"]})
+                        "lr": optimizer.param_groups[0]["lr"]})  # the rate this epoch trained with
+        scheduler.step()
         log(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
             + f"  {seconds:.1f} s  {history[-1]['samples_per_s']:.1f} samples/s")
         if rank == 0:

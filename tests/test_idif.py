@@ -396,3 +396,37 @@ def test_error_bad_view_mask():
         model.anomaly_map(images, torch.ones(2, 2))
     with pytest.raises(UserError, match=r"every view of a sample absent; IDIF needs at least one"):
         model.anomaly_map(images, torch.tensor([[True, False], [False, False]]))
+
+
+# ----------------------------------------------------------------------------- map and loss from fixed features
+
+
+def test_anomaly_map_and_loss_composed_from_the_features(monkeypatch):
+    """With features() fixed (3 scales of (B, V, C_s, h_s, w_s)), the map is scipy's Gaussian
+    (sigma 4) of the mean over the scales of the bilinearly upsampled 1 - cos, zero for an absent
+    view; the loss (no CB: alpha L_Distill) is alpha x the mean over samples of the sum over kept
+    views and scales of the mean 1 - cos. Written without idif.py's helpers: a dropped scale,
+    blur or weight fails."""
+    from scipy import ndimage
+
+    B, V = 2, 3
+    model = small_model(V, bottleneck=False, alpha=2.0).eval()
+    g = torch.Generator().manual_seed(0)
+    sizes = ((8, 16), (16, 8), (32, 4))  # (C_s, h_s), smaller than the model's: features() is replaced
+    f_tea = [torch.randn(B, V, c, s, s, generator=g) for c, s in sizes]
+    f_stu = [torch.randn(B, V, c, s, s, generator=g) for c, s in sizes]
+    monkeypatch.setattr(model, "features", lambda images, corrupted, view_mask: (f_tea, f_stu, None, None))
+    distance = [1 - (t * s).sum(2) / (t.norm(dim=2) * s.norm(dim=2)) for t, s in zip(f_tea, f_stu)]  # (B, V, h, w)
+    mean = sum(F.interpolate(d.flatten(0, 1)[:, None].double(), size=(SIZE, SIZE), mode="bilinear",
+                             align_corners=True)[:, 0] for d in distance) / 3  # (B*V, H, W)
+    expected = torch.stack([torch.from_numpy(ndimage.gaussian_filter(m.numpy(), sigma=4)) for m in mean])
+    expected = expected.reshape(B, V, SIZE, SIZE).float()
+    view_mask = torch.tensor([[True, False, True], [True, True, True]])
+    expected[0, 1] = 0  # the absent view
+    images = views_batch(B, V)
+    assert_close(model.anomaly_map(images, view_mask), expected, rtol=0, atol=1e-5)
+    per_view = sum(d.mean(dim=(2, 3)) for d in distance)  # (B, V)
+    distill = (per_view * view_mask).sum(1).mean()
+    parts = model.loss_parts(images, images, view_mask)
+    assert_close(parts["distill"], distill)
+    assert_close(parts["loss"], 2.0 * distill)
