@@ -9,19 +9,23 @@ the DRAEM/DeSTSeg pseudo-anomalies that IDIF's denoising student learns from.
     python data.py synth --out data/demo --category zipper   # write a split, print its statistics
 
 Shapes: V views (5), H = W = image_size, N = side of the synthetic render grid (= its resolution).
-Items: `images` (V, 3, H, W) ImageNet-normalised, `masks` (V, 1, H, W) in {0, 1}, `view_labels` (V,).
+Items: `images` (V, 3, H, W) ImageNet-normalised, `masks` (V, 1, H, W) in {0, 1}, `view_labels` (V,)
+(from the masks), `view_classes` (V,) (from the JSON classes), `label` (the sample's).
 
 Where the dataset and the papers are silent, we chose:
 - Real-IAD: views are grouped into samples by the sample key in the file name (ADEval's regex:
   everything before `_C<n>_`), never by position in the JSON, and ordered by camera id; samples that
   lack one of C1..C5 are left out and counted in one warning. The smallest `realiad_<res>` folder
   >= image_size is read; the category may sit inside one extra wrapping folder.
-- A view is anomalous when its JSON class is not `meta.normal_class`, its `mask_path` is not null and
-  its resized mask has a positive pixel. The release lists the views of a defective sample that do
-  not show the defect as class "OK" with a null mask (they lie in the NG folders); a defect class
-  with no mask or an empty one is accepted too and labelled normal.
+- Labels as the official MVAD code (lewandofskee/MVAD, data/ad_dataset.py and
+  trainer/mvad_trainer.py): a sample is anomalous when any view's JSON class is not
+  `meta.normal_class` (`label`, from `view_classes`); a view (image) is anomalous when its resized
+  mask has a positive pixel (`view_labels`), so a defect too small to survive the resizing leaves
+  its view normal but its sample anomalous. The release lists the views of a defective sample that
+  do not show the defect as class "OK" with a null mask (they lie in the NG folders); a defect
+  class with no mask is accepted too (an empty mask).
 - Images: shorter side resized to image_size (bilinear, antialiased), then centre-cropped; masks
-  likewise with nearest-neighbour and `> 0`.
+  as the official code: binarised with `> 0` at their own resolution, resized the same way, `> 0.5`.
 - Synthetic objects are height fields (no overhangs), one procedural shape per category (OBJECTS),
   rendered by orthographic ray casting with shading and cast shadows: C1 looks straight down, C2..C5
   look from the four sides at 35 degrees elevation. Like Real-IAD's close-up photographs, every
@@ -134,13 +138,13 @@ def denormalize(images):
     return images * std + mean
 
 
-def resize_crop(x, size, mode):
-    """Resize the shorter side to `size`, then centre-crop to a square.
+def resize_crop(x, size):
+    """Resize the shorter side to `size` (bilinear, antialiased as PIL's resize), then centre-crop
+    to a square.
 
     Args:
         x: (C, H, W) float tensor.
         size: output side.
-        mode: "bilinear" (antialiased, for images) or "nearest-exact" (for masks).
     Returns:
         (C, size, size) tensor.
     """
@@ -148,7 +152,7 @@ def resize_crop(x, size, mode):
     if (h, w) != (size, size):
         scale = size / min(h, w)
         h, w = max(size, round(h * scale)), max(size, round(w * scale))
-        x = F.interpolate(x[None], size=(h, w), mode=mode, antialias=mode == "bilinear")[0]
+        x = F.interpolate(x[None], size=(h, w), mode="bilinear", antialias=True)[0]
     top, left = (h - size) // 2, (w - size) // 2
     return x[:, top:top + size, left:left + size]
 
@@ -167,13 +171,17 @@ def _read_pixels(path, size, mode):
 def load_image(path, size):
     """Args: path to an RGB image; size: output side. Returns: (3, size, size) float in [0, 1]."""
     pixels = torch.from_numpy(_read_pixels(path, size, "RGB")).permute(2, 0, 1)  # (3, h, w)
-    return resize_crop(pixels.float() / 255, size, "bilinear")
+    return resize_crop(pixels.float() / 255, size)
 
 
 def load_mask(path, size):
-    """Args: path to a mask image (defect > 0); size: output side. Returns: (1, size, size) in {0, 1}."""
-    pixels = torch.from_numpy(_read_pixels(path, size, "L"))[None].float()  # (1, h, w)
-    return (resize_crop(pixels, size, "nearest-exact") > 0).float()
+    """A defect mask as the official MVAD code reads it (lewandofskee/MVAD data/ad_dataset.py: `> 0`
+    at the file's resolution, torchvision's bilinear Resize; trainer/mvad_trainer.py: `> 0.5`).
+
+    Args: path to a mask image (defect > 0); size: output side. Returns: (1, size, size) in {0, 1}.
+    """
+    pixels = torch.from_numpy(_read_pixels(path, size, "L"))[None] > 0  # (1, h, w) binarised at source
+    return (resize_crop(pixels.float(), size) > 0.5).float()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -289,8 +297,10 @@ class RealIAD(Dataset):
         resolution: which `realiad_<res>` folder to read (256, 512, 1024, "raw"); default: the
             smallest one >= image_size.
     Items: dict with `images` (V, 3, H, W) ImageNet-normalised, `masks` (V, 1, H, W) in {0, 1},
-    `view_labels` (V,) long, `label` int (any view anomalous), `sample_id` str (the sample key),
-    `category` str, `paths` list of V image paths.
+    `view_labels` (V,) long (any pixel of the resized mask), `view_classes` (V,) long (JSON class
+    not the normal class), `label` int (any view's class anomalous), `sample_id` str (the sample
+    key), `category` str, `paths` list of V image paths, `mask_paths` list of V mask paths ("" for
+    none).
     """
 
     def __init__(self, root, category, split, image_size=256, resolution=None):
@@ -306,6 +316,7 @@ class RealIAD(Dataset):
         if res_dir.name != "realiad_raw" and int(res_dir.name[len("realiad_"):]) < image_size:
             warnings.warn(f"no Real-IAD folder with images >= {image_size} px; upsampling {res_dir.name}")
         self.samples = []  # (category, sample key, [(image path, mask path or None)] ordered by camera)
+        self.classes = []  # per sample, (V,) 1 where the view's JSON class is not the normal class
         incomplete = []
         for name in self.categories:
             json_path = _find_json(root, name)
@@ -319,11 +330,12 @@ class RealIAD(Dataset):
                 if set(views) != set(CAMERAS):
                     incomplete.append(key)
                     continue
-                files = []
+                files, classes = [], []
                 for camera in CAMERAS:
                     entry = views[camera]
                     image = base / entry["image_path"]
-                    has_mask = entry["anomaly_class"] != normal_class and entry["mask_path"] is not None
+                    classes.append(int(entry["anomaly_class"] != normal_class))
+                    has_mask = classes[-1] and entry["mask_path"] is not None
                     mask = base / entry["mask_path"] if has_mask else None
                     for path in (image, mask):
                         if path is not None and not path.is_file():
@@ -331,6 +343,7 @@ class RealIAD(Dataset):
                                             "looks incompletely extracted")
                     files.append((image, mask))
                 self.samples.append((name, key, files))
+                self.classes.append(torch.tensor(classes))
         if incomplete:
             warnings.warn(f"left out {len(incomplete)} {split} samples that lack one of the views "
                           f"{', '.join(CAMERAS)} (first: {incomplete[0]})")
@@ -344,10 +357,12 @@ class RealIAD(Dataset):
         images = torch.stack([load_image(image, size) for image, _ in files])  # (V, 3, H, W)
         masks = torch.stack([load_mask(mask, size) if mask else torch.zeros(1, size, size)
                              for _, mask in files])  # (V, 1, H, W)
-        view_labels = masks.flatten(1).amax(1).long()  # (V,)
+        view_labels = masks.flatten(1).amax(1).long()  # (V,) image labels, from the resized masks
+        classes = self.classes[index]  # (V,) the sample label comes from these, as in the official code
         return {"images": normalize(images), "masks": masks, "view_labels": view_labels,
-                "label": int(view_labels.max()), "sample_id": key, "category": category,
-                "paths": [str(image) for image, _ in files]}
+                "view_classes": classes, "label": int(classes.max()), "sample_id": key,
+                "category": category, "paths": [str(image) for image, _ in files],
+                "mask_paths": [str(mask or "") for _, mask in files]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1110,6 +1125,7 @@ def visibility_stats(root, category):
 
 
 SYNTH_VERSION = 3  # part of the cache key: bump it when the generator changes what it writes
+SYNTHETIC_CACHE = Path(__file__).resolve().parent / "data" / "synthetic"  # synthetic_root's default folder
 
 
 def default_real_iad() -> Path | None:
@@ -1142,7 +1158,7 @@ def synthetic_root(category, cache_dir=None, n_train=40, n_test_normal=30, n_tes
     else:  # keep the folder name short
         label = f"{len(names)}-categories-{zlib.crc32(' '.join(names).encode()):08x}"
     key = f"{label}-{n_train}-{n_test_normal}-{n_test_defect}-{resolution}px-seed{seed}-v{SYNTH_VERSION}"
-    cache_dir = Path(cache_dir) if cache_dir else Path(__file__).resolve().parent / "data" / "synthetic"
+    cache_dir = Path(cache_dir) if cache_dir else SYNTHETIC_CACHE
     root = cache_dir / key
     if not all((root / "realiad_jsons" / f"{name}.json").is_file() for name in names):
         staging = cache_dir / f"{key}.tmp{os.getpid()}"

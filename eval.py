@@ -1,22 +1,34 @@
-"""Evaluate a trained MVAD or IDIF run at sample, image and pixel level, in bounded memory.
+"""Evaluate a trained MVAD, IDIF or PatchCore run at sample, image and pixel level, in bounded
+memory; apply it to new images.
 
 Prints a table in the papers' format and writes metrics.json, metrics.md and pictures (PNG).
 
     python eval.py --checkpoint runs/idif_zipper/last.pt
     python eval.py --checkpoint runs/mvad_all/last.pt --data-root /data/Real-IAD --drop-views 2
+    python eval.py --checkpoint runs/idif_zipper/last.pt --export-adeval runs/idif_zipper/adeval.pkl
+    python eval.py predict --run runs/idif_zipper --images my_photos/ --out predictions/
 
-Levels (REFERENCE section 5): a *sample* is one object seen by V cameras, an *image* is one view.
+Levels, with the labels of the official MVAD code (lewandofskee/MVAD, data/ad_dataset.py,
+trainer/mvad_trainer.py, util/metric.py): a *sample* is one object seen by V cameras, an *image* is
+one view.
   image score  = max of the view's smoothed anomaly map      image label  = any pixel of its mask
-  sample score = max over the sample's present views' scores  sample label = any present view
-  pixel        = every pixel of every present view, against its mask
-Metrics: AUROC and AP (scikit-learn), F1-max over the exact precision-recall curve (ADer samples 21
-thresholds), AU-PRO (per-region overlap over FPR in [0, 0.3], divided by 0.3). All metrics return
-NaN when the labels hold only one class (written as null in metrics.json, "-" in the tables).
+  sample score = max over the sample's present views' scores  sample label = any present view whose
+                                                                             JSON class is a defect
+  pixel        = every pixel of every present view, against its mask (binarised > 0, resized
+                 bilinearly, > 0.5: data.load_mask)
+Metrics: AUROC and AP (scikit-learn), F1-max over the exact precision-recall curve, AU-PRO
+(per-region overlap over FPR in [0, 0.3], divided by 0.3); pixel F1-max also as the official code
+computes it (`f1_max_ader`: 21 thresholds on min-max normalised maps, never above the exact one).
+All metrics return NaN when the labels hold only one class (null in metrics.json, "-" in tables).
 
 Memory: maps are never kept. `PixelMetrics` folds each batch into fixed-size histograms; its
 results stay within a bound that it computes itself (1e-4 or less on anomaly maps, see its
 docstring; written to metrics.json as "pixel_error_bound") of the exact values. The official code
 keeps every map in float64 (about 120 GB on Real-IAD).
+
+Real-IAD's own scorer, ADEval (PyPI `adeval`), bins its curves (1,000 strips) and labels samples
+by their masks; `--export-adeval FILE` writes its input for the test split and the command that
+scores it (metrics.md), so both can be put side by side (README, "Comparing with the papers").
 
 Choices where the papers are silent:
 - AU-PRO regions are the 8-connected components of each mask (as the MVTec AD evaluation code).
@@ -25,9 +37,10 @@ Choices where the papers are silent:
 - `--drop-views K` (the IDIF paper's robustness table): K random views per sample are removed
   through the model's view_mask (deterministic per --seed, at least one view kept); metrics use
   the present views only, so a sample whose defect shows only in dropped views counts as normal.
-- `--view-norm` (REFERENCE section 6, off by default): each camera's image scores are z-scored
-  with the mean and std of that camera's image scores on the training split (per category)
-  before the max over views, because one camera can score ten times higher than the others.
+- `--view-norm` (off by default): each camera's image scores are z-scored with the mean and std
+  of that camera's image scores on the training split (per category) before the max over views.
+- Decision thresholds for `predict`: the test split's F1-max thresholds (sample and image level).
+- Runs whose settings are not the papers' say so in one line, with the papers' command.
 
 Shape legend: N maps, B samples, V views, H/W map size, S samples in a dataset.
 """
@@ -35,7 +48,9 @@ import ctypes
 import json
 import math
 import os
+import pickle
 import re
+import shlex
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -44,6 +59,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure  # figures drawn straight to files: no pyplot, no backend state
+from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -51,10 +67,15 @@ from tqdm import tqdm
 import data
 from idif import IDIF, IDIFConfig
 from mvad import MVAD, MVADConfig
+from patchcore import PatchCore, PatchCoreConfig
 
-METHODS = {"mvad": (MVADConfig, MVAD), "idif": (IDIFConfig, IDIF)}
+# name -> (config dataclass, model): every model has anomaly_map(images, view_mask) -> (B, V, H, W)
+METHODS = {"mvad": (MVADConfig, MVAD), "idif": (IDIFConfig, IDIF), "patchcore": (PatchCoreConfig, PatchCore)}
 LEVEL_KEYS = {"sample": ("auroc", "ap", "f1_max"), "image": ("auroc", "ap", "f1_max"),
-              "pixel": ("auroc", "ap", "f1_max", "aupro")}
+              "pixel": ("auroc", "ap", "f1_max", "aupro", "f1_max_ader")}
+# The official code's pixel F1-max thresholds on min-max normalised maps: 0, 0.05, ..., 1
+# (lewandofskee/MVAD util/metric.py, "mF1_max_px": np.arange(0.0, 1.0 + 1e-3, 0.05), `norm > s`).
+ADER_THRESHOLDS = np.arange(0.0, 1.0 + 1e-3, 0.05)
 
 # ----------------------------------------------------------------------------- exact metrics
 
@@ -111,6 +132,17 @@ def f1_max(scores, labels) -> float:
     precision, recall, _ = precision_recall_curve(labels, scores)
     f1 = 2 * precision * recall / np.maximum(precision + recall, np.finfo(float).tiny)
     return float(f1.max())
+
+
+def f1_max_threshold(scores, labels) -> float:
+    """The score at which F1 is largest (a score >= it is called anomalous): the decision
+    threshold that `predict` applies. (N,), (N,) -> float; NaN with one class only."""
+    scores, labels = _numpy(scores).ravel(), _numpy(labels).ravel() > 0
+    if not _both_classes(labels):
+        return math.nan
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, np.finfo(float).tiny)
+    return float(thresholds[np.argmax(f1[:-1])])  # the last point (recall 0) has no threshold
 
 
 def connected_components(mask) -> np.ndarray:
@@ -234,7 +266,8 @@ def au_pro(maps, masks, fpr_limit: float = 0.3) -> float:
 
 
 class PixelMetrics:
-    """Pixel AUROC, AP, F1-max and AU-PRO over any number of maps in constant memory.
+    """Pixel AUROC, AP, F1-max and AU-PRO (and the official code's F1-max, `f1_max_ader`) over any
+    number of maps in constant memory.
 
     State: three histograms over one grid of score bins: normal pixels, anomalous pixels, and
     per bin the sum over anomalous pixels of 1 / (size of their region) (the per-region overlap
@@ -355,6 +388,37 @@ class PixelMetrics:
             "aupro": _area_up_to(fpr, pro, self.fpr_limit) / self.fpr_limit,
         }
 
+    def f1_max_ader(self) -> tuple[float, float]:
+        """Pixel F1-max as the official MVAD code computes it, and how far this can be from it.
+
+        The official code (lewandofskee/MVAD util/metric.py, "mF1_max_px", from ADer) min-max
+        normalises all maps of a category together and calls a pixel anomalous when its normalised
+        score is > s, for the 21 thresholds s = 0, 0.05, ..., 1. Here s is the score t = low + s
+        (high - low) (the histograms keep the exact smallest and largest score). The bins above t's
+        bin count fully, those below not at all; t's own bin counts fully when all its scores are
+        > t, not at all when none is, and otherwise with the share of its range [smallest, largest]
+        above t (linear interpolation). The bound takes such a straddled bin as all above or all
+        below t; it is 0 when no threshold falls inside a bin's range. Up to float rounding at t.
+
+        Returns:
+            (F1-max, bound on its distance to the official value); (NaN, NaN) with one class only.
+        """
+        if not self._defined():
+            return math.nan, math.nan
+        t = self.low + ADER_THRESHOLDS * (self.high - self.low)  # (21,) the thresholds as scores
+        k = np.clip(np.floor(t * 2.0**-self.exponent).astype(np.int64) - self.offset, 0, self.bins - 1)
+        possible = self.largest[k] > t  # (21,) some of t's bin may lie above t (empty bins: none)
+        certain = (possible & (self.smallest[k] > t)).astype(float)  # (21,) all of it lies above t
+        possible = possible.astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):  # only straddled bins use the ratio
+            linear = (self.largest[k] - t) / (self.largest[k] - self.smallest[k])
+        shares = np.stack([certain, np.where(certain == possible, certain, linear), possible])  # (3, 21)
+        tp_cum, fp_cum = np.cumsum(self.anomalous), np.cumsum(self.normal)  # ascending bins
+        tp = tp_cum[-1] - tp_cum[k] + shares * self.anomalous[k]  # (3, 21) anomalous pixels > t
+        fp = fp_cum[-1] - fp_cum[k] + shares[::-1] * self.normal[k]  # (3, 21) normal, fewest first
+        f1 = (2 * tp / (tp + fp + tp_cum[-1])).max(axis=1)  # (3,) lowest, estimated, highest
+        return float(f1[1]), float(max(f1[2] - f1[1], f1[1] - f1[0]))
+
     def error_bound(self) -> dict:
         """Returns {"auroc", "ap", "f1_max", "aupro"}: the largest possible difference between
         `compute()` and the exact metrics over the same pixels (see the class docstring)."""
@@ -466,29 +530,32 @@ def example(batch: dict, i: int, images, maps, masks, view_mask, view_scores, la
 
 
 def evaluate(model, dataset, device, drop_views: int = 0, batch_size: int = 8, workers: int = 0,
-             seed: int = 0, view_stats: dict | None = None, num_figures: int = 4, bins: int = 2**16):
+             seed: int = 0, view_stats: dict | None = None, num_figures: int = 4, bins: int = 2**16,
+             export: "ADEvalExport | None" = None):
     """Streams the test split through the model once and computes every metric.
 
     Args:
-        model: MVAD or IDIF in eval mode, on `device`.
+        model: a model of METHODS in eval mode, on `device`.
         dataset: RealIAD-like test split (items: images (V, 3, H, W), masks (V, 1, H, W),
-            label, sample_id, category).
+            view_classes (V,), sample_id, category; with `export` also paths and mask_paths).
         drop_views: views removed per sample (through the model's view_mask), 0 <= k < V.
         batch_size: samples per forward; workers: DataLoader processes.
         seed: seed of the dropped-view draw.
         view_stats: camera_statistics(...) to z-score the image scores per camera, or None.
         num_figures: samples (defective first) whose views, maps and masks are kept for pictures.
         bins: PixelMetrics histogram bins.
+        export: an ADEvalExport that receives every batch's maps and scores, or None.
     Returns:
         metrics: {"sample", "image", "pixel"} (the mean over categories), "pixel_error_bound",
             and "per_category" when the split holds several categories.
         collected: {"levels": {category: {"sample": (scores, labels), "image": (scores, labels),
-            "pixel_roc": (fpr, tpr)}}, "examples": [dict per kept sample]}.
+            "pixel_roc": (fpr, tpr)}}, "decision": {category: {"sample_threshold",
+            "image_threshold", "map_range"}}, "examples": [dict per kept sample]}.
     """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=torch.device(device).type == "cuda")
     pixels = defaultdict(lambda: PixelMetrics(bins))  # one accumulator per category
-    scores, labels, present = defaultdict(list), defaultdict(list), defaultdict(list)
+    gathered = defaultdict(lambda: defaultdict(list))  # category -> scores, labels, classes, present: [(n, V)]
     defective, normal = [], []  # the first samples of each kind, for the pictures
     view_masks, start = None, 0  # which views every sample keeps; index of the batch's first sample
     with torch.inference_mode():
@@ -505,6 +572,7 @@ def evaluate(model, dataset, device, drop_views: int = 0, batch_size: int = 8, w
                 raise data.UserError("the model produced NaN/inf anomaly maps: the checkpoint's training "
                                      "diverged; retrain with a lower --lr")
             masks = batch["masks"][:, :, 0] > 0.5  # (B, V, H, W)
+            classes = batch["view_classes"] > 0  # (B, V) the JSON classes, which give the sample labels
             batch_scores, batch_labels = image_scores(maps), image_labels(masks)  # (B, V) each
             if view_stats is not None:
                 stats = torch.stack([view_stats[c] for c in batch["category"]])  # (B, 2, V)
@@ -512,31 +580,128 @@ def evaluate(model, dataset, device, drop_views: int = 0, batch_size: int = 8, w
             for category in set(batch["category"]):
                 rows = torch.tensor([c == category for c in batch["category"]])  # (B,)
                 pixels[category].update(maps[rows][view_mask[rows]], masks[rows][view_mask[rows]])  # (n, H, W)
-                scores[category].append(batch_scores[rows])
-                labels[category].append(batch_labels[rows])
-                present[category].append(view_mask[rows])
-            is_defective = sample_labels(batch_labels, view_mask)  # (B,)
+                for name, value in (("scores", batch_scores), ("labels", batch_labels), ("classes", classes),
+                                    ("present", view_mask)):
+                    gathered[category][name].append(value[rows])
+            if export is not None:
+                export.add(batch, maps, batch_scores, view_mask)
+            is_defective = sample_labels(classes, view_mask)  # (B,)
             for i in range(B):
                 kept = defective if is_defective[i] else normal
                 if len(kept) < num_figures:
                     kept.append(example(batch, i, images[i], maps[i], masks[i], view_mask[i],
                                         batch_scores[i], is_defective[i]))
+    metrics, levels, decision = summarise(pixels, gathered)
+    return metrics, {"levels": levels, "decision": decision, "examples": (defective + normal)[:num_figures]}
 
-    per_category, bounds, levels = {}, {}, {}
+
+def summarise(pixels: dict, gathered: dict) -> tuple[dict, dict, dict]:
+    """Every category's metrics and their mean, the curves to plot and `predict`'s thresholds.
+
+    Args:
+        pixels: {category: PixelMetrics}. gathered: {category: {"scores", "labels", "classes",
+            "present": list of (n, V) tensors}} (image scores, image labels, JSON classes, views kept).
+    Returns:
+        (metrics, levels, decision) as in evaluate().
+    """
+    per_category, bounds, levels, decision = {}, {}, {}, {}
     for category in sorted(pixels):
-        s, y, m = torch.cat(scores[category]), torch.cat(labels[category]), torch.cat(present[category])
-        levels[category] = {"sample": (sample_scores(s, m), sample_labels(y, m)), "image": (s[m], y[m]),
-                            "pixel_roc": pixels[category].roc_curve()}
-        per_category[category] = {"sample": level_metrics(*levels[category]["sample"]),
-                                  "image": level_metrics(*levels[category]["image"]),
-                                  "pixel": pixels[category].compute()}
-        bounds[category] = pixels[category].error_bound()
+        s, y, c, m = (torch.cat(gathered[category][k]) for k in ("scores", "labels", "classes", "present"))
+        sample, image = (sample_scores(s, m), sample_labels(c, m)), (s[m], y[m])
+        f1_ader, f1_ader_bound = pixels[category].f1_max_ader()
+        levels[category] = {"sample": sample, "image": image, "pixel_roc": pixels[category].roc_curve()}
+        per_category[category] = {"sample": level_metrics(*sample), "image": level_metrics(*image),
+                                  "pixel": {**pixels[category].compute(), "f1_max_ader": f1_ader}}
+        bounds[category] = {**pixels[category].error_bound(), "f1_max_ader": f1_ader_bound}
+        decision[category] = {"sample_threshold": f1_max_threshold(*sample),
+                              "image_threshold": f1_max_threshold(*image),
+                              "map_range": [pixels[category].low, pixels[category].high]}
     metrics = average(per_category)
     # |mean of a - mean of b| <= mean of |a - b|: the bound of the category mean is the mean bound
     metrics["pixel_error_bound"] = {k: float(np.mean([b[k] for b in bounds.values()])) for k in LEVEL_KEYS["pixel"]}
     if len(per_category) > 1:
         metrics["per_category"] = per_category
-    return metrics, {"levels": levels, "examples": (defective + normal)[:num_figures]}
+    return metrics, levels, decision
+
+
+# ----------------------------------------------------------------------------- Real-IAD's scorer, ADEval
+
+# ADEval's sample key for Real-IAD (the one group: everything before `_C<n>_`), as Real-IAD's README
+# gives it (github.com/Tencent/AnomalyDetection_Real-IAD); data.SAMPLE_KEY also captures the camera.
+ADEVAL_SAMPLE_KEY = r"([a-zA-Z][a-zA-Z0-9_]*_[0-9]{4}_[A-Z][A-Z_]*[A-Z])_C[0-9]_"
+# ADEval 1.1.0 calls numpy.trapz, which NumPy 2.4 removed (renamed numpy.trapezoid in NumPy 2.0):
+# with such a NumPy the command sets the old name first and then runs ADEval's command line.
+ADEVAL_WITH_NEW_NUMPY = ('import numpy, runpy; numpy.trapz = numpy.trapezoid; '
+                         'runpy.run_module("adeval", run_name="__main__")')
+
+
+def adeval_argv(pickle_path, views: int, image_size: int) -> list[str]:
+    """The command line that scores an exported pickle with ADEval: views grouped into samples by
+    their sample key, `views` per sample, at the model's resolution (`--evaluate_size`, as the official
+    MVAD evaluation; without it ADEval scores at each image's own size, as Real-IAD's README does)."""
+    start = ["python", "-m", "adeval"] if hasattr(np, "trapz") else ["python", "-c", ADEVAL_WITH_NEW_NUMPY]
+    return start + [str(pickle_path), "--sample_key_pat", ADEVAL_SAMPLE_KEY,
+                    "--expected_views_per_sample", str(views), "--evaluate_size", str(image_size)]
+
+
+def framed(anomaly_map: np.ndarray, image_path: str) -> np.ndarray:
+    """The map laid over the whole image, for ADEval, which resizes it to the image: our map covers
+    the centred square crop the model saw (data.resize_crop); a non-square image gets a frame of its
+    shape at the map's scale, filled with the map's smallest score (pixels the model never saw).
+    (S, S) -> (H', W') with H' / W' = the image's aspect."""
+    with Image.open(image_path) as image:
+        w, h = image.size
+    S = anomaly_map.shape[0]
+    if w == h:
+        return anomaly_map
+    rows, cols = max(S, round(h * S / min(h, w))), max(S, round(w * S / min(h, w)))
+    top, left = (rows - S) // 2, (cols - S) // 2
+    frame = np.full((rows, cols), anomaly_map.min(), dtype=anomaly_map.dtype)
+    frame[top:top + S, left:left + S] = anomaly_map
+    return frame
+
+
+class ADEvalExport:
+    """Writes what Real-IAD's official scorer ADEval reads: a pickle of {image path: (anomaly map
+    (H, W) float32, image score, mask path or None)} with the present views of the test split, one
+    file per category (Real-IAD's README scores one file per object). The test split is ordered by
+    category, so each category's file is written when the next one starts: memory holds one
+    category's maps (Real-IAD at 256 px: about 1 GB)."""
+
+    def __init__(self, path: Path, categories: list[str]):
+        """
+        Args:
+            path: the file for a single category; with several, `<stem>_<category><suffix>` beside it.
+            categories: the categories of the split.
+        """
+        self.path, self.several = Path(path), len(categories) > 1
+        self.category, self.entries, self.written = None, {}, []
+
+    def add(self, batch: dict, maps: torch.Tensor, scores: torch.Tensor, view_mask: torch.Tensor) -> None:
+        """One batch: maps (B, V, H, W), image scores (B, V) as evaluated, view_mask (B, V)."""
+        for i, category in enumerate(batch["category"]):
+            if category != self.category:
+                self.flush()
+                self.category = category
+            for v in torch.nonzero(view_mask[i]).flatten().tolist():
+                image, mask = batch["paths"][v][i], batch["mask_paths"][v][i]
+                entry = (framed(maps[i, v].numpy(), image), float(scores[i, v]),
+                         str(Path(mask).resolve()) if mask else None)
+                self.entries[str(Path(image).resolve())] = entry
+
+    def flush(self) -> None:
+        """Writes the current category's file (atomically) and empties the buffer."""
+        if not self.entries:
+            return
+        path = self.path
+        if self.several:
+            path = path.with_name(f"{path.stem}_{self.category}{path.suffix}")
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump(self.entries, f, protocol=pickle.HIGHEST_PROTOCOL)
+        tmp.replace(path)
+        self.written.append(path)
+        self.entries = {}
 
 
 # ----------------------------------------------------------------------------- reports and pictures
@@ -548,13 +713,15 @@ def _percent(x: float) -> str:
 
 def format_table(metrics: dict, name: str, markdown: bool = False) -> str:
     """The papers' table: one row per category (plus "Average" for several), AUROC/AP/F1-max per
-    level in percent with one decimal, AU-PRO after the pixel F1-max.
+    level in percent with one decimal, AU-PRO after the pixel F1-max, then the pixel F1-max as the
+    official code computes it (the one comparable with the papers' pixel F1-max).
 
     Args:
         metrics: evaluate()'s metrics. name: the row label of a single-category run.
         markdown: a Markdown table instead of aligned plain text.
     """
-    header = ["Category", "Sample AUROC/AP/F1-max", "Image AUROC/AP/F1-max", "Pixel AUROC/AP/F1-max/AU-PRO"]
+    header = ["Category", "Sample AUROC/AP/F1-max", "Image AUROC/AP/F1-max",
+              "Pixel AUROC/AP/F1-max/AU-PRO/F1-max(ADer)"]
     rows = {**metrics.get("per_category", {}), ("Average" if "per_category" in metrics else name): metrics}
     table = [header] + [[category] + ["/".join(_percent(m[level][k]) for k in keys)
                                       for level, keys in LEVEL_KEYS.items()] for category, m in rows.items()]
@@ -703,7 +870,7 @@ def load_model(path: str):
     method = checkpoint["method"]
     if method not in METHODS:
         raise data.UserError(f"--checkpoint {path}: method {method!r} is unknown; eval.py evaluates "
-                             f"{' and '.join(METHODS)} runs written by train.py")
+                             f"{', '.join(METHODS)} runs written by train.py")
     config_class, model_class = METHODS[method]
     try:
         model = model_class(config_class(**{**checkpoint["config"], "weights": "none"}))
@@ -743,7 +910,185 @@ def find_data_root(data_root: str | None, run: dict, category: str) -> Path:
     return root
 
 
+# ----------------------------------------------------------------------------- predict: new images
+
+
+def predict_inputs(paths: list[str], views: int) -> list[tuple[str, list[Path]]]:
+    """The samples to score: the V files of one sample in camera order, or folders of views named
+    the Real-IAD way (grouped by sample key, ordered by camera; a .png beside an image of the same
+    name is its mask and skipped). Returns [(sample id, V image paths)]."""
+    given = [Path(p) for p in paths]
+    for path in given:
+        if not path.exists():
+            raise data.UserError(f"--images {path}: no such file or folder")
+    if all(p.is_file() for p in given):
+        if len(given) != views:
+            raise data.UserError(f"--images: {len(given)} files given, but the run's model takes {views} views "
+                                 f"per sample; pass the {views} views of one sample in camera order (C1 first)")
+        match = data.SAMPLE_KEY.search(given[0].name)
+        return [(match.group(1) if match else given[0].stem, given)]
+    if not all(p.is_dir() for p in given):
+        raise data.UserError("--images: pass either the files of one sample or folders of samples, not both")
+    samples = defaultdict(dict)  # sample key -> {camera: path}
+    for folder in given:
+        files = [f for f in sorted(folder.iterdir()) if f.suffix.lower() in data.IMAGE_SUFFIXES]
+        stems = [f.stem for f in files]
+        for f in files:
+            if f.suffix.lower() == ".png" and stems.count(f.stem) > 1:
+                continue  # a mask beside its image
+            match = data.SAMPLE_KEY.search(f.name)
+            if match is None:
+                raise data.UserError(f"--images {f}: not named the Real-IAD way (<category>_<nnnn>_<OK or "
+                                     "NG_code>_C<n>_...); rename it, or pass the files of one sample")
+            samples[match.group(1)][match.group(2)] = f
+    if not samples:
+        raise data.UserError(f"--images {given[0]}: no images (.jpg, .png) in it")
+    for key, cameras in samples.items():
+        if len(cameras) != views:
+            raise data.UserError(f"--images: sample {key} has {len(cameras)} views "
+                                 f"({', '.join(sorted(cameras))}), but the run's model takes {views}")
+    return [(key, [cameras[c] for c in sorted(cameras)]) for key, cameras in sorted(samples.items())]
+
+
+def predict_image(path: Path, size: int) -> torch.Tensor:
+    """A photo as the model reads it (shorter side resized to `size`, centred square crop: as the
+    training images, data.load_image), said in one line when it was not size x size.
+    Returns (3, size, size) in [0, 1]."""
+    try:
+        with Image.open(path) as image:
+            w, h = image.size
+            pixels = np.array(image.convert("RGB"))  # (h, w, 3)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise data.UserError(f"--images {path}: not a readable image ({e}); pass JPEG or PNG files") from None
+    if (w, h) != (size, size):
+        print(f"{path}: {w}x{h} resized to {size}x{size} (shorter side to {size}, centred crop), as in training")
+    return data.resize_crop(torch.from_numpy(pixels).permute(2, 0, 1).float() / 255, size)
+
+
+def stored_decision(run: Path, category: str | None) -> tuple[dict, int]:
+    """The thresholds (and camera statistics, map range) that the run's evaluation stored for
+    `category`, and the number of views per sample. One-line errors for a run not evaluated."""
+    path = run / "metrics.json"
+    try:
+        stored = json.loads(path.read_text())
+        decisions, views = stored["predict"], stored["settings"]["views"]
+    except (OSError, ValueError, KeyError):
+        raise data.UserError(f"--run {run}: {path} holds no thresholds; evaluate the run first: "
+                             f"python eval.py --checkpoint {run / 'last.pt'}") from None
+    if category is None and len(decisions) == 1:
+        category = next(iter(decisions))
+    if category not in decisions:
+        raise data.UserError(f"--category {category or ''}: the run's thresholds are per category; choose "
+                             f"one of {', '.join(decisions)}")
+    if None in (decisions[category]["sample_threshold"], decisions[category]["image_threshold"]):
+        raise data.UserError(f"--run {run}: its test split held one class only, so no threshold was chosen")
+    return decisions[category], views
+
+
+def plot_prediction(rgb: np.ndarray, maps: np.ndarray, result: dict, decision: dict, path: Path) -> None:
+    """The sample's views with their maps overlaid on one colour scale (the test split's range of
+    the run's maps), a colour bar, each view's score (red: above the image threshold), the verdict.
+    rgb (V, H, W, 3), maps (V, H, W)."""
+    V = len(maps)
+    names = data.CAMERAS if V == len(data.CAMERAS) else [f"view {v + 1}" for v in range(V)]
+    fig = Figure(figsize=(2.4 * V + 1, 2.9))
+    axes = fig.subplots(1, V, squeeze=False)[0]
+    for v, ax in enumerate(axes):
+        ax.imshow(rgb[v])
+        shown = ax.imshow(maps[v], cmap="jet", alpha=0.45, vmin=decision["map_range"][0],
+                          vmax=decision["map_range"][1])
+        view = result["views"][v]
+        ax.set_title(f"{names[v]}: {view['score']:.3f}", fontsize=9, color="red" if view["anomalous"] else "black")
+        ax.axis("off")
+    fig.colorbar(shown, ax=list(axes), fraction=0.02, pad=0.01, label="anomaly score (map)")
+    verdict = "ANOMALOUS" if result["anomalous"] else "normal"
+    fig.suptitle(f"{result['sample_id']}: {verdict} (sample score {result['score']:.3f}, threshold "
+                 f"{decision['sample_threshold']:.3f}); camera: view score", fontsize=9)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+
+
+@dataclass
+class PredictConfig:
+    run: str  # a train.py run folder that eval.py has evaluated (last.pt, metrics.json)
+    images: list  # the V image files of one sample, or folders of Real-IAD-named views
+    out: str  # folder for the pictures and predictions.json
+    category: str | None = None  # whose thresholds, for a multi-class run; None: the run's only one
+    device: str | None = None  # None: cuda if available, else cpu
+
+
+def predict(cfg: PredictConfig) -> dict:
+    """Applies a trained, evaluated run to new images: one picture per sample and predictions.json.
+
+    A view or sample is called anomalous when its score reaches the F1-max threshold of the run's
+    test split (stored in metrics.json by the evaluation, with the camera statistics of
+    --view-norm, which are applied the same way). Returns the content of predictions.json.
+    """
+    run, out = Path(cfg.run), Path(cfg.out)
+    if not (run / "last.pt").is_file():
+        raise data.UserError(f"--run {run}: no last.pt there; pass the folder train.py wrote "
+                             "(e.g. runs/idif_zipper)")
+    decision, views = stored_decision(run, cfg.category)
+    samples = predict_inputs(cfg.images, views)
+    device = resolve_device(cfg.device)
+    model, checkpoint = load_model(str(run / "last.pt"))
+    model, size = place(model, device), checkpoint["config"]["image_size"]
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for key, paths in samples:
+        images = torch.stack([predict_image(p, size) for p in paths])  # (V, 3, S, S)
+        with torch.inference_mode():
+            maps = model.anomaly_map(data.normalize(images)[None].to(device)).float().cpu()[0]  # (V, S, S)
+        scores = image_scores(maps)  # (V,)
+        if decision["view_stats"] is not None:
+            mean, std = torch.tensor(decision["view_stats"])  # (V,) each
+            scores = (scores - mean) / std
+        result = {"sample_id": key, "score": float(scores.max()),
+                  "anomalous": bool(scores.max() >= decision["sample_threshold"]),
+                  "picture": f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png",
+                  "views": [{"path": str(p), "score": float(x),
+                             "anomalous": bool(x >= decision["image_threshold"])} for p, x in zip(paths, scores)]}
+        rgb = images.permute(0, 2, 3, 1).numpy()  # (V, S, S, 3)
+        plot_prediction(rgb, maps.numpy(), result, decision, out / result["picture"])
+        results.append(result)
+        print(f"{key}: {'ANOMALOUS' if result['anomalous'] else 'normal'} (score {result['score']:.3f})")
+    report = {"run": str(run), "sample_threshold": decision["sample_threshold"],
+              "image_threshold": decision["image_threshold"], "view_norm": decision["view_stats"] is not None,
+              "samples": results}
+    (out / "predictions.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out / 'predictions.json'} and {len(results)} pictures")
+    return report
+
+
 # ----------------------------------------------------------------------------- config and main
+
+
+# The papers' training settings, train.py's GPU profile: the official MVAD config (lewandofskee/MVAD
+# configs/mvad/mvad_realiad.py: size 256, batch 8, 100 epochs); the IDIF paper gives 256 px and batch
+# 8, no epochs. Where a run differs, its reports say so in one line (protocol_note).
+PAPER_SETTINGS = dict(image_size=256, batch_size=8, epochs=100, view_norm=False)
+
+
+def protocol_note(checkpoint: dict, root: Path, view_norm: bool) -> str | None:
+    """One line naming what in a run is not the papers' protocol, with the command that is; None
+    when nothing differs. root: the data evaluated (the built-in synthetic data is not Real-IAD)."""
+    run = {**(checkpoint.get("train") or {}), "epochs": checkpoint.get("epoch")}  # the epochs trained
+    trained = run["epochs"] is not None  # a training-free run (PatchCore) has no batch or epochs that matter
+    names = {"image_size": "image size", **({"batch_size": "batch", "epochs": "epochs"} if trained else {})}
+    differences = [f"{name} {run[key]} (papers: {PAPER_SETTINGS[key]})" for key, name in names.items()
+                   if run.get(key) not in (None, PAPER_SETTINGS[key])]
+    if view_norm:
+        differences.append("view-norm on (papers: off)")
+    if checkpoint.get("random_encoder"):
+        differences.append("random-init encoder calibrated on the training images (papers: ImageNet)")
+    synthetic = data.SYNTHETIC_CACHE in Path(root).resolve().parents
+    if synthetic:
+        differences.append("built-in synthetic data (papers: Real-IAD)")
+    if not differences:
+        return None
+    command = (f"python train.py --method {checkpoint['method']} --category {run.get('category', 'all')} "
+               f"--data-root {'/path/to/Real-IAD' if synthetic else root} --image-size 256 "
+               f"{'--batch-size 8 --epochs 100 ' if trained else ''}--no-view-norm --weights imagenet")
+    return f"Not the papers' settings: {'; '.join(differences)}. The papers' protocol: {command}"
 
 
 @dataclass
@@ -763,6 +1108,18 @@ class EvalConfig:
     num_figures: int = 4  # test samples drawn with their maps (defective first)
     seed: int = 0  # seed of the --drop-views draw
     bins: int = 2**16  # PixelMetrics histogram bins: 2.6 MB per category, error bound <= ~1e-4
+    export_adeval: str | None = None  # write ADEval's input (pickle of maps) here; None: no export
+
+
+def resolve_device(flag: str | None) -> torch.device:
+    """--device as a torch.device (None: cuda if available, else cpu), with one-line errors."""
+    try:
+        device = torch.device(flag or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise data.UserError(f"--device {flag}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise data.UserError(f"--device {flag}: CUDA is not available on this machine; use --device cpu")
+    return device
 
 
 def main(cfg: EvalConfig) -> dict:
@@ -771,12 +1128,7 @@ def main(cfg: EvalConfig) -> dict:
     if cfg.batch_size < 1 or cfg.bins < 2 or cfg.num_figures < 0:
         raise data.UserError(f"--batch-size {cfg.batch_size}, --bins {cfg.bins}, --num-figures "
                              f"{cfg.num_figures}: need at least 1, 2 and 0")
-    try:
-        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise data.UserError(f"--device {cfg.device}: not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise data.UserError(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
+    device = resolve_device(cfg.device)
     if cfg.threads is not None and cfg.threads < 1:
         raise data.UserError(f"--threads {cfg.threads}: must be at least 1 (or leave it out for the default)")
     setup_process(cfg.threads)
@@ -808,31 +1160,62 @@ def main(cfg: EvalConfig) -> dict:
     if cfg.view_norm:
         train_set = data.RealIAD(root, categories, "train", image_size=image_size)
         view_stats = camera_statistics(model, train_set, device, cfg.batch_size, cfg.workers)
+    export = None if cfg.export_adeval is None else ADEvalExport(_writable(cfg.export_adeval),
+                                                                 test_set.categories)
     metrics, collected = evaluate(model, test_set, device, drop_views=cfg.drop_views,
                                   batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
-                                  view_stats=view_stats, num_figures=cfg.num_figures, bins=cfg.bins)
+                                  view_stats=view_stats, num_figures=cfg.num_figures, bins=cfg.bins,
+                                  export=export)
     metrics["settings"] = {
         "checkpoint": str(cfg.checkpoint), "method": checkpoint["method"], "epoch": checkpoint.get("epoch"),
         "data_root": str(root), "categories": sorted(collected["levels"]), "image_size": image_size,
         "samples": len(test_set), "views": V, "drop_views": cfg.drop_views, "view_norm": cfg.view_norm,
+        "positive_samples": sum(int(curves["sample"][1].sum()) for curves in collected["levels"].values()),
         "images": sum(len(curves["image"][0]) for curves in collected["levels"].values()),
         "seed": cfg.seed, "pixel_bins": cfg.bins}
-
-    (out / "metrics.json").write_text(json.dumps(_json_ready(metrics), indent=1))
+    metrics["predict"] = {c: {**decision, "view_stats": None if view_stats is None else view_stats[c].tolist()}
+                          for c, decision in collected["decision"].items()}  # what `eval.py predict` applies
+    notes = [protocol_note(checkpoint, root, cfg.view_norm)]
+    if export is not None:
+        export.flush()
+        commands = [shlex.join(adeval_argv(path, V - cfg.drop_views, image_size)) for path in export.written]
+        notes.append("ADEval, Real-IAD's scorer, on the exported maps (one file per category):\n"
+                     + "\n".join(f"    {command}" for command in commands))
     title = (f"{checkpoint['method']} on {category}: {len(test_set)} test samples, drop_views "
              f"{cfg.drop_views}, view_norm {cfg.view_norm}")
-    (out / "metrics.md").write_text(f"{title}\n\n{format_table(metrics, category, markdown=True)}")
+    write_reports(out, metrics, collected, category, title, [note for note in notes if note])
+    return metrics
+
+
+def _writable(path: str) -> Path:
+    """The --export-adeval file, its folder created; a one-line error when that cannot be done."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise data.UserError(f"--export-adeval {path}: cannot create its folder ({e.strerror}); choose a "
+                             "writable place") from None
+    return Path(path)
+
+
+def write_reports(out: Path, metrics: dict, collected: dict, category: str, title: str,
+                  notes: list[str]) -> None:
+    """metrics.json, metrics.md (title, table, notes), roc.png, the example pictures; prints the same."""
+    table = format_table(metrics, category, markdown=True)
+    (out / "metrics.json").write_text(json.dumps(_json_ready(metrics), indent=1))
+    (out / "metrics.md").write_text("\n\n".join([title, table.rstrip("\n"), *notes]) + "\n")
     plot_roc(collected["levels"], out / "roc.png")
     for k, ex in enumerate(collected["examples"]):
         plot_example(ex, out / f"example_{k}_{re.sub(r'[^A-Za-z0-9_.-]', '_', ex['sample_id'])}.png")
     print(title)
     print(format_table(metrics, category), end="")
+    for note in notes:
+        print(note)
     print(f"wrote {out / 'metrics.json'}, metrics.md, roc.png and {len(collected['examples'])} example pictures")
-    return metrics
 
 
 def parse_args(argv=None) -> EvalConfig:
-    p = data.ArgumentParser(description=__doc__.split("\n")[0])
+    p = data.ArgumentParser(description=__doc__.split("\n")[0],
+                            epilog="python eval.py predict --help: apply a trained run to new images")
     p.add_argument("--checkpoint", required=True, help="a train.py checkpoint, e.g. runs/idif_zipper/last.pt")
     d = EvalConfig(checkpoint="")
     p.add_argument("--data-root", default=d.data_root,
@@ -852,11 +1235,30 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--num-figures", type=int, default=d.num_figures, help="test samples to draw")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the --drop-views draw")
     p.add_argument("--bins", type=int, default=d.bins, help="pixel-metric histogram bins")
+    p.add_argument("--export-adeval", default=d.export_adeval, metavar="FILE",
+                   help="write the test split's maps for Real-IAD's scorer ADEval (a pickle; one per "
+                        "category, FILE's stem + _<category>, for several) and print its command")
     return EvalConfig(**vars(p.parse_args(argv)))
 
 
+def parse_predict_args(argv=None) -> PredictConfig:
+    p = data.ArgumentParser(prog="eval.py predict", description=predict.__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="a run folder of train.py, evaluated (last.pt, metrics.json)")
+    p.add_argument("--images", required=True, nargs="+", metavar="PATH",
+                   help="the V views of one sample in camera order (C1 first), or folders of views "
+                        "named the Real-IAD way (<category>_<nnnn>_<OK or NG_code>_C<n>_...)")
+    p.add_argument("--out", required=True, help="folder for the pictures and predictions.json")
+    p.add_argument("--category", default=None, help="which of a multi-class run's thresholds (None: its only one)")
+    p.add_argument("--device", default=None, help="None = cuda if available, else cpu")
+    return PredictConfig(**vars(p.parse_args(argv)))
+
+
 def cli(argv=None) -> int:
-    """The command line: bad input ends in one line `error: ...` on stderr and exit status 2."""
+    """The command line (`eval.py ...` evaluates, `eval.py predict ...` applies a run to new images):
+    bad input ends in one line `error: ...` on stderr and exit status 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["predict"]:
+        return data.run_cli(lambda args: predict(parse_predict_args(args)), argv[1:])
     return data.run_cli(lambda args: main(parse_args(args)), argv)
 
 

@@ -278,6 +278,47 @@ def test_pixel_metrics_ties_and_constant_maps_are_exact():
         {"auroc": 0.5, "ap": rate, "f1_max": 2 * rate / (1 + rate), "aupro": 0.15})
 
 
+def ader_f1_max(maps, masks) -> float:
+    """The official code's pixel F1-max, written as lewandofskee/MVAD util/metric.py computes it
+    ("mF1_max_px"): maps min-max normalised together, F1 at `norm > s` for s in 0, 0.05, ..., 1,
+    with its small epsilons."""
+    norm, gt, eps = (maps - maps.min()) / (maps.max() - maps.min()), masks.astype(bool), 1e-8
+    scores = []
+    for s in np.arange(0.0, 1.0 + 1e-3, 0.05):
+        predicted = norm > s
+        hits = np.logical_and(gt, predicted).sum()
+        precision, recall = hits / (predicted.sum() + eps), hits / (gt.sum() + eps)
+        scores.append(2 * precision * recall / (precision + recall + eps))
+    return float(max(scores))
+
+
+@pytest.mark.parametrize("bins", [2**16, 256, 16])
+def test_f1_max_ader_matches_the_official_code_within_its_bound(bins):
+    """Streamed over updates that widen the score range; the 21 thresholds fall inside bins, whose
+    straddled pixels are interpolated: within the bound it reports (0 where no bin is straddled),
+    and never above the exact F1-max (ADer's thresholds are a subset of the exact curve's)."""
+    maps, masks = smooth_maps(seed=70, n=9, size=32)
+    maps[:3] *= 0.5  # the first update sees a narrower range than the later ones
+    metrics = PixelMetrics(bins=bins)
+    for i in range(0, len(maps), 3):
+        metrics.update(maps[i:i + 3], masks[i:i + 3])
+    value, bound = metrics.f1_max_ader()
+    official = ader_f1_max(maps.astype(np.float64), masks)
+    assert abs(value - official) <= bound + 1e-7, (value, official, bound)  # 1e-7: the official epsilons
+    assert official <= f1_max(maps, masks) + 1e-7
+    assert bound < 1e-3 if bins == 2**16 else bound > 1e-3  # 16 bins are visibly coarse
+
+
+def test_f1_max_ader_is_exact_on_ties_and_zero_on_constant_maps():
+    maps, masks = random_maps(seed=71, n=10, size=16, levels=3)
+    metrics = PixelMetrics()
+    metrics.update(maps, masks)
+    assert metrics.f1_max_ader() == pytest.approx((ader_f1_max(maps.astype(np.float64), masks), 0.0), abs=1e-7)
+    constant = PixelMetrics()
+    constant.update(np.ones_like(maps), masks)  # the official code divides by max - min = 0: no pixel is > s
+    assert constant.f1_max_ader() == (0.0, 0.0)
+
+
 def test_pixel_metrics_memory_is_fixed_and_inputs_checked():
     metrics = PixelMetrics(bins=256)
     maps, masks = random_maps(seed=50, n=30, size=32)
