@@ -186,9 +186,10 @@ def windowed_attention(q: torch.Tensor, kv: torch.Tensor, scale: float,
     """softmax(q kv^T * scale) kv per window and head (keys = values), False in mask = left out.
 
     q: (W, m, T, d); kv: (W, m, S, d); mask: None or broadcastable to (W, m, T, S). Returns
-    (W, m, T, d). PyTorch's fused kernel where it measured fastest: on a GPU, and on a CPU without
-    gradients; on a CPU with gradients its backward is slow for MVAS's 8-channel heads (forward +
-    backward of MVAS at 128 px input, scale 0: 135 ms fused, 74 ms by the formula), so the formula.
+    (W, m, T, d). PyTorch's fused kernel without gradients and on a GPU (not measured there); on a
+    CPU with gradients the formula, since the fused backward is slow for MVAS's 8-channel heads
+    (forward + backward of MVAS at 128 px input, scale 0, freed memory reused as train.py runs,
+    2-core AMD EPYC: 135 ms fused, 74 ms by the formula).
     """
     if q.is_cuda or not (torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad)):
         return F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=scale)
