@@ -1,5 +1,5 @@
-"""Evaluate a trained MVAD or IDIF run at sample, image and pixel level, in bounded memory; apply it
-to new images.
+"""Evaluate a trained MVAD, IDIF or PatchCore run at sample, image and pixel level, in bounded
+memory; apply it to new images.
 
 Prints a table in the papers' format and writes metrics.json, metrics.md and pictures (PNG).
 
@@ -76,8 +76,10 @@ from tqdm import tqdm
 import data
 from idif import IDIF, IDIFConfig
 from mvad import MVAD, MVADConfig
+from patchcore import PatchCore, PatchCoreConfig
 
-METHODS = {"mvad": (MVADConfig, MVAD), "idif": (IDIFConfig, IDIF)}
+# name -> (config dataclass, model): every model has anomaly_map(images, view_mask) -> (B, V, H, W)
+METHODS = {"mvad": (MVADConfig, MVAD), "idif": (IDIFConfig, IDIF), "patchcore": (PatchCoreConfig, PatchCore)}
 LEVEL_KEYS = {"sample": ("auroc", "ap", "f1_max"), "image": ("auroc", "ap", "f1_max"),
               "pixel": ("auroc", "ap", "f1_max", "aupro", "f1_max_ader")}
 # The official code's pixel F1-max thresholds on min-max normalised maps: 0, 0.05, ..., 1
@@ -613,7 +615,7 @@ def evaluate(model, dataset, device, drop_views: int = 0, batch_size: int = 8, w
     what one process would have computed (`merge_shards`): the same metrics, pictures and export.
 
     Args:
-        model: MVAD or IDIF in eval mode, on `device`.
+        model: a model of METHODS in eval mode, on `device`.
         dataset: RealIAD-like test split (items: images (V, 3, H, W), masks (V, 1, H, W),
             view_classes (V,), sample_id, category; with `export` also paths and mask_paths).
         drop_views: views removed per sample (through the model's view_mask), 0 <= k < V.
@@ -956,7 +958,7 @@ def load_model(path: str):
     method = checkpoint["method"]
     if method not in METHODS:
         raise data.UserError(f"--checkpoint {path}: method {method!r} is unknown; eval.py evaluates "
-                             f"{' and '.join(METHODS)} runs written by train.py")
+                             f"{', '.join(METHODS)} runs written by train.py")
     config_class, model_class = METHODS[method]
     try:
         model = model_class(config_class(**{**checkpoint["config"], "weights": "none"}))
@@ -1158,7 +1160,8 @@ def protocol_note(checkpoint: dict, root: Path, view_norm: bool) -> str | None:
     """One line naming what in a run is not the papers' protocol, with the command that is; None
     when nothing differs. root: the data evaluated (the built-in synthetic data is not Real-IAD)."""
     run = {**(checkpoint.get("train") or {}), "epochs": checkpoint.get("epoch")}  # the epochs trained
-    names = {"image_size": "image size", "batch_size": "batch", "epochs": "epochs"}
+    trained = run["epochs"] is not None  # a training-free run (PatchCore) has no batch or epochs that matter
+    names = {"image_size": "image size", **({"batch_size": "batch", "epochs": "epochs"} if trained else {})}
     differences = [f"{name} {run[key]} (papers: {PAPER_SETTINGS[key]})" for key, name in names.items()
                    if run.get(key) not in (None, PAPER_SETTINGS[key])]
     if view_norm:
@@ -1171,8 +1174,8 @@ def protocol_note(checkpoint: dict, root: Path, view_norm: bool) -> str | None:
     if not differences:
         return None
     command = (f"python train.py --method {checkpoint['method']} --category {run.get('category', 'all')} "
-               f"--data-root {'/path/to/Real-IAD' if synthetic else root} --image-size 256 --batch-size 8 "
-               "--epochs 100 --no-view-norm --weights imagenet")
+               f"--data-root {'/path/to/Real-IAD' if synthetic else root} --image-size 256 "
+               f"{'--batch-size 8 --epochs 100 ' if trained else ''}--no-view-norm --weights imagenet")
     return f"Not the papers' settings: {'; '.join(differences)}. The papers' protocol: {command}"
 
 
@@ -1252,6 +1255,7 @@ def main(cfg: EvalConfig) -> dict:
         "checkpoint": str(cfg.checkpoint), "method": checkpoint["method"], "epoch": checkpoint.get("epoch"),
         "data_root": str(root), "categories": sorted(collected["levels"]), "image_size": image_size,
         "samples": len(test_set), "views": V, "drop_views": cfg.drop_views, "view_norm": cfg.view_norm,
+        "positive_samples": sum(int(curves["sample"][1].sum()) for curves in collected["levels"].values()),
         "images": sum(len(curves["image"][0]) for curves in collected["levels"].values()),
         "seed": cfg.seed, "pixel_bins": cfg.bins}
     metrics["predict"] = {c: {**decision, "view_stats": None if view_stats is None else view_stats[c].tolist()}

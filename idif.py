@@ -1,76 +1,123 @@
 """IDIF: Intra-view Decoupling and Inter-view Fusion for multi-view anomaly detection.
 
 Mao et al., "Unveiling Multi-View Anomaly Detection: Intra-view Decoupling and Inter-view Fusion",
-AAAI 2025. No official code is released; this file follows the paper's description (and the seminar
-deck, shared/seed/multiview-ad-seminar.txt). Denoising knowledge distillation in the style of
-DeSTSeg: a frozen teacher sees the clean views, a student sees pseudo-anomalous views and must
-reproduce the teacher's features of the clean ones. Between the student's encoder and its decoders:
+AAAI 2025 ("the paper" below). No official code is released (github.com/Kerio99/IDIF holds only a
+README), so this file follows the paper's text; every line marked "our choice" is ours. Denoising
+knowledge distillation in the style of DeSTSeg (Zhang et al., "DeSTSeg: Segmentation Guided
+Denoising Student-Teacher for Anomaly Detection", CVPR 2023, github.com/apple/ml-destseg): a frozen
+teacher sees the clean views, a student sees pseudo-anomalous views (DRAEM's recipe: Zavrtanik et
+al., "DRAEM: A Discriminatively Trained Reconstruction Embedding for Surface Anomaly Detection",
+ICCV 2021; data.PseudoAnomalies) and must reproduce the teacher's features of the clean ones.
+Between the student's encoder and its decoders (c: the bottleneck's latent sample, L channels; f_c:
+its decoding to the C channels of f_E, the tensor that is subtracted):
 
-    f_E^(v)  = StudentEncoder(corrupted view v)                 view-shared ResNet18, stages 1-3
-    f_c      = mu + Sigma * eps,  (mu, Sigma) from all views    Consistency Bottleneck (CB)
-    f_s^(v)  = f_E^(v) - f_c                                    intra-view decoupling
-    P_n      = FusionBlocks(P_0, f_s^(1..V))                    Implicit Voxel Construction (IVC)
-    f_p^(v)  = STN^(v)(P_n, alpha^(v))                          re-projection to view v
-    f_stu^(v) = Decoder^(v)(f_p^(v) + f_c)                      three scales, like the teacher
+    f_E^(v)  = StudentEncoder(corrupted view v)                  view-shared ResNet18, stages 1-3
+    c        = mu + Sigma * eps,  (mu, Sigma) from all views     Consistency Bottleneck (CB)
+    f_c      = Decode(c)                                         one per sample, shared by its views
+    f_s^(v)  = f_E^(v) - f_c                                     intra-view decoupling
+    P_n      = FusionBlocks(P_0, f_s^(1..V))                     Implicit Voxel Construction (IVC)
+    f_p^(v)  = STN^(v)(P_n, theta^(v))                           re-projection to view v
+    f_stu^(v) = Decoder^(v)(f_p^(v) + f_c)                       three scales, like the teacher
+    L_IB     = mean over kept views of |f_E^(v) - f_c|^2         information bottleneck (IB) loss
     L        = alpha L_Distill + beta L_IB
 
 Anomaly map of a view: the mean over the three scales of 1 - cos(f_tea, f_stu), upsampled to the
 input (bilinear, mvad.cosine_distance_map), Gaussian-smoothed (sigma 4). In training each view is
-dropped with p = 0.2 (View-wise Dropout); dropped views are masked in the fusion and excluded from
-the losses.
+dropped with p = 0.2 (View-wise Dropout, the paper's rate); the dropped views' images are never read.
 
 Shape legend:
-    B samples, V views, H = W input side, C = 256 channels of the student's stage 3 (= voxel width),
-    h = w = H / 16 the f_E / f_s grid, L latent channels of the bottleneck, D x Hv x Wv voxel grid,
-    p patch side, T = (h / p) * (w / p) tokens per view, n heads, d = C / n head width,
-    C_s x h_s x w_s one teacher scale (64 x H/4, 128 x H/8, 256 x H/16).
+    B samples, V views, K kept (sample, view) pairs, H = W input side, C = 256 channels of the
+    student's stage 3 (= voxel width), h = w = H / 16 the f_E / f_s grid, L latent channels of the
+    bottleneck, D x Hv x Wv voxel grid, p patch side, T = (h / p) * (w / p) tokens per view,
+    n heads, d = C / n head width, C_s x h_s x w_s one teacher scale (64 x H/4, 128 x H/8, 256 x H/16).
 
 Run: `python train.py --method idif --category zipper`; tests: `python -m pytest tests/test_idif.py`.
+Ablations (IDIFConfig switches, `--set NAME=false`): bottleneck=false removes the CB (f_c = 0,
+f_s = f_E, no L_IB); fusion=false removes the IVC and the STN (f_p^(v) = f_s^(v), each decoder sees
+its own view only); both false is the paper's per-view denoising-student ensemble (its ablation
+table: 94.0 S-AUROC on Real-IAD), fusion alone its "+IVC" row (96.1), both on the full model (97.0).
+With fusion off and the CB on, the decoder input f_s + f_c is f_E itself, so the CB acts only
+through L_IB (a combination the paper does not report).
 
 Size (5 views, 256 input): 18.8 M parameters, 2.8 M of them the frozen teacher; trainable: student
-encoder 2.8 M, CB 1.3 M, IVC 3.5 M, 5 decoders 8.5 M. 23.4 GMACs per sample for an anomaly map
-(teacher 9.2, student encoder 9.2, CB 0.3, IVC 1.1, decoders 3.7), as FlopCounterMode counts them.
+encoder 2.8 M, CB 1.3 M, IVC 3.5 M, STN 5 angles, 5 decoders 8.5 M. 23.4 GMACs per sample for an
+anomaly map (teacher 9.2, student encoder 9.2, CB 0.3, IVC and STN 1.1, decoders 3.7), as
+FlopCounterMode counts them; bottleneck=false: 17.5 M and 23.1 GMACs, fusion=false: 15.3 M and 22.4,
+both: 14.0 M and 22.0. In training only the kept views (about 80%) pass the encoders and decoders.
 
-Where the paper is silent, our choices (REFERENCE section 4):
-- Student encoder: paper is silent on how the lower stages are used; we use only the stage-3 output
-  as f_E (C = 256 at H/16); stages 1-2 feed it and nothing else, because the decoders must not see the
-  pseudo-anomalous input through skip connections (DeSTSeg's student has none either).
-- CB: paper is silent on its layers; we work on the 16x16x256 stage at 256 input. f_e^mu and
-  f_e^Sigma are two small conv nets on the mean of f_E over the kept views, with a 64-channel latent;
-  Sigma is a standard deviation, exp(log_var / 2). The latent f_c is projected back to 256 channels
-  by a 1x1 conv. q(f_E | f_c) is a second small conv net, used only in training; L_IB is its MSE to
-  each kept view's f_E. We detach that target, so that the encoder cannot lower L_IB by erasing the
-  differences between views. An optional KL(N(mu, Sigma) || N(0, I)) term has weight 0 by default
-  (the paper has none).
-- IVC: paper is silent on sizes; we use a 4 x 8 x 8 voxel of width 256, 2 pre-norm fusion blocks,
-  8 heads, FFN width 4C with GELU. P_0 is learned (initialised N(0, 0.02^2)); the 3D positional
-  encoding and the tokens' 2D one are fixed sine-cosine encodings in normalised coordinates, so
-  that the voxel's 8x8 plane and the token grid share one frame (one helper for both, since
-  mvad.sine_position_embedding is 2D only). We patchify f_s with a 2x2
-  stride-2 convolution (16x16 -> 8x8 tokens per view at 256 input) and add a learnable encoding per
-  view.
+What the paper states: a frozen ImageNet ResNet18 teacher (stages 1-3, input 256, batch 8 samples);
+a view-shared student encoder; the CB with two sub-networks f_e^mu and f_e^Sigma over all views,
+f_c sampled from N(mu, Sigma) (mu at test time), f_s^(v) = f_E^(v) - f_c, and a reconstruction
+decoder q(f_E | f_c) used only in training, with L_IB its negative log-likelihood and no KL term;
+the IVC (a learnable sample-independent voxel P_0, fusion blocks of self-attention + FFN and
+cross-attention from the voxel to the patchified f_s + FFN, positional encodings); masked-view
+cross-attention (-inf on the dropped views' keys); one STN and one decoder per view; L_Distill,
+alpha = beta = 1; View-wise Dropout p = 0.2. Everything below is our choice where the paper is silent:
+- Student encoder: we use only the stage-3 output as f_E (C = 256 at H/16); stages 1-2 feed it and
+  nothing else, because the decoders must not see the pseudo-anomalous input through skip
+  connections (DeSTSeg's student has none either).
+- CB: we work on the 16x16x256 stage at 256 input. f_e^mu and f_e^Sigma are two small conv nets on
+  the mean of f_E over the kept views, with a 64-channel latent c; Sigma is a standard deviation,
+  exp(log_var / 2). Decode (two 1x1 convs) maps c to f_c. We take q(f_E^(v) | f_c) = N(f_c, I), so
+  -log q is the squared distance |f_E^(v) - f_c|^2 up to constants, and L_IB is its mean over the
+  kept views (= the mean |f_s^(v)|^2): L_IB ties the very f_c that is subtracted to every kept view's
+  f_E, which makes f_c the least-squares common part of the views and f_s the residual (a separate
+  reconstruction head, fed from c, would train nothing into f_c). We detach f_E in L_IB, so that the
+  encoder cannot lower it by erasing the differences between views. The seminar deck calls the CB a
+  "VAE structure"; unlike a VAE's, our reconstruction decoder is fixed (the mean of q is f_c itself)
+  and, unlike the paper, a small KL term (weight 0.01) that keeps Sigma away from 0.
+  Sigma without a KL term: nothing keeps it from shrinking, and it does. On the synthetic zipper
+  (train.py's CPU profile, 15 epochs) the mean Sigma falls from 1 to 0.04 in the second epoch and
+  ends near 1e-4, so the CB is in effect a deterministic 64-channel bottleneck. kl_weight 0.01 ends
+  at Sigma 0.16 / 0.14 with sample / pixel AUROC 94.7 / 98.6 and 96.6 / 98.0 (seeds 42 / 7), against
+  95.0 / 98.6 and 96.6 / 98.0 at weight 0: the same accuracy, so 0.01 is our default. kl_weight 0.1
+  ends at Sigma 0.71 and costs accuracy (89.3 / 97.4, seed 42, with the two-angle STN below).
+  train.py logs the KL and the mean Sigma per epoch (history.json) whatever the weight.
+  The deck spells L_IB "intra-batch consistency loss"; we read IB as information bottleneck, the
+  CB's role (compress what the views share into the low-dimensional c).
+- IVC: a 4 x 8 x 8 voxel of width 256, 2 pre-norm fusion blocks, 8 heads, FFN width 4C with GELU.
+  P_0 is learned (initialised N(0, 0.02^2)); the 3D positional encoding and the tokens' 2D one are
+  fixed sine-cosine encodings in normalised coordinates, so that the voxel's 8x8 plane and the
+  token grid share one frame (one helper for both, since mvad.sine_position_embedding is 2D only).
+  We patchify f_s with a 2x2 stride-2 convolution (16x16 -> 8x8 tokens per view at 256 input) and
+  add a learnable encoding per view.
 - Masked-view attention: a sample whose views are all masked gets a zero attention output (plain
   softmax would give NaN); the model itself always keeps at least one view.
 - View-wise dropout: each view is dropped independently with p; a sample left with no view gets one
   random view back, so the realised rate is a little below p (p - p^V / V).
-- STN: paper is silent on the rotation axis; we rotate the voxel about its height axis (a turntable
-  in front of the camera) in normalised coordinates, trilinear sampling, zeros outside, then take the
-  mean over depth. The 8x8 projection is resized bilinearly to the f_s grid (up to 16x16 at 256
-  input, down to 4x4 at 64).
+- Dropped and absent views: the teacher, the student encoder, the patchify convolution and the
+  decoders run on the kept (sample, view) rows only (`on_kept_rows`), and the rest is masked with
+  torch.where, so a dropped view's pixels (even NaN) touch no output, loss or gradient, and the
+  BatchNorm layers take their training statistics over the kept views only. A decoder whose view is
+  dropped in every sample of a batch runs on zero rows (zero gradients, statistics untouched).
+- STN: theta^(v) is the azimuth of view v, learnable, initialised evenly over 2 pi; the voxel is
+  turned about its height axis (a turntable in front of the camera) in normalised coordinates,
+  trilinear sampling, zeros outside, then averaged over depth (an orthographic projection) and
+  resized bilinearly to the f_s grid (up to 16x16 at 256 input, down to 4x4 at 64). A turntable
+  cannot give a top view, and Real-IAD's C1 looks down on the object, so we also built an STN with
+  an azimuth and an elevation per view, initialised from the camera layout (C1 from above, C2..C5
+  around at the synthetic cameras' 35 degrees). On the synthetic zipper (CPU profile, seeds 42 / 7 / 3)
+  it reached sample AUROC 93.3 / 95.1 / 94.6 against the turntable's 95.0 / 96.6 / 96.6, with pixel
+  AUROC 98.4 / 98.2 / 98.6 against 98.6 / 98.0 / 98.3 (image AUROC and AU-PRO differed by 1.3 points
+  or less, either way; all at kl_weight 0). So we keep the turntable. Possible reasons, not tested: the voxel is
+  implicit, nothing ties its axes to the physical ones, so a turn per view already gives every view
+  its own projection; and with a 4-cell depth axis a top view gets only 4 rows of voxel cells.
 - Decoder: one per view, reversed ResNet with one of RD4AD's DeBasicBlocks per scale (mvad.py's; the
   block going up a scale uses a 2x2 transposed conv; RD4AD stacks two or more per scale), no skip
   connections.
-- L_Distill: the seminar writes a squared distance; like DeSTSeg we take it between L2-normalised
-  features, i.e. 1 - cos (the same quantity the anomaly map uses), averaged over positions, summed
-  over scales and kept views, averaged over samples.
+- L_Distill: the seminar deck writes a squared distance; like DeSTSeg we take it between
+  L2-normalised features, i.e. 1 - cos (the quantity the anomaly map uses), averaged over positions,
+  summed over scales and kept views, averaged over samples.
+- Pseudo-anomalies (data.PseudoAnomalies): each view is corrupted with probability 0.5, DRAEM's rate
+  (DeSTSeg corrupts every training image; the paper does not say), so the student also sees clean
+  views.
 - Inference: the student sees the test views themselves (as in DeSTSeg); the map of a view marked
-  absent in view_mask is all zeros.
-- In training the student's BatchNorm layers use batch statistics over all B * V images, dropped
-  views included; in eval mode (anomaly maps) every view is computed on its own, so an absent view
-  has no influence at all on the others.
+  absent in view_mask is all zeros. DeSTSeg's segmentation head is left out, and the map is the
+  mean over scales of 1 - cos, where DeSTSeg's denoising-student map multiplies the scales.
 """
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -110,7 +157,8 @@ def sine_positional_encoding(grid: tuple[int, ...], dim: int) -> torch.Tensor:
 
 
 def masked_view_mean(x: torch.Tensor, view_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the present views; absent views contribute exact zeros.
+    """Mean over the present views; absent views are replaced by zeros (torch.where, so that not
+    even a NaN in them reaches the mean).
 
     Args:
         x: (B, V, ...) per-view tensors.
@@ -118,8 +166,31 @@ def masked_view_mean(x: torch.Tensor, view_mask: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, ...).
     """
-    weights = view_mask.to(x.dtype).view(*view_mask.shape, *[1] * (x.dim() - 2))  # (B, V, 1, ...)
-    return (x * weights).sum(dim=1) / weights.sum(dim=1)
+    keep = view_mask.view(*view_mask.shape, *[1] * (x.dim() - 2))  # (B, V, 1, ...)
+    return x.where(keep, 0.0).sum(dim=1) / keep.sum(dim=1)
+
+
+def on_kept_rows(net, x: torch.Tensor, keep: torch.Tensor):
+    """`net` run on the rows of x that `keep` marks; exact zeros in the other rows.
+
+    The other rows are never read: nothing in them (not even a NaN) reaches the output or a
+    gradient, and a BatchNorm in training mode takes its statistics over the kept rows alone.
+
+    Args:
+        net: maps (K, ...) to a tensor (K, ...) or a list of such tensors.
+        x: (*M, ...) with M = keep.shape, e.g. (B, V, 3, H, W) with keep (B, V).
+        keep: bool of shape M; K = keep.sum() rows are computed (K = 0 is allowed).
+    Returns:
+        like net's output, each tensor (*M, ...).
+    """
+    out = net(x[keep])  # (K, ...) or a list of them
+
+    def scatter(rows: torch.Tensor) -> torch.Tensor:
+        full = rows.new_zeros(*keep.shape, *rows.shape[1:])  # (*M, ...)
+        full[keep] = rows
+        return full
+
+    return [scatter(rows) for rows in out] if isinstance(out, (list, tuple)) else scatter(out)
 
 
 def sample_view_mask(batch: int, views: int, p: float, device=None) -> torch.Tensor:
@@ -155,31 +226,34 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     M = M.masked_fill(~key_mask, float("-inf"))  # (N, Tk)
     M = M.masked_fill(~has_key[:, None], 0.0)  # finite logits for a fully masked sample, zeroed below
     attn = (M[:, None, None, :] + logits).softmax(dim=-1)  # (N, n, Tq, Tk)
-    return (attn @ v) * has_key[:, None, None, None]  # (N, n, Tq, d)
+    return (attn @ v).where(has_key[:, None, None, None], 0.0)  # (N, n, Tq, d)
 
 
-def rotate_and_project(voxel: torch.Tensor, angles: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """STN re-projection: rotate the voxel by each view's angle about its height axis, average over
+def rotate_and_project(voxel: torch.Tensor, theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """STN re-projection: turn the voxel by each view's azimuth about its height axis, average over
     depth, resize to the f_s grid.
+
+    In affine_grid's normalised coordinates (x: Wv, y: Hv pointing down, z: D), a view at theta
+    samples the voxel at R(theta) (x, y, z): at theta = 0 it looks along the depth axis; theta grows
+    counter-clockwise seen from above, like the azimuths of data.CAMERA_POSES.
 
     Args:
         voxel: (B, C, D, Hv, Wv) the fused voxel P_n.
-        angles: (V,) alpha^(v) in radians.
+        theta: (V,) theta^(v), the azimuth of each view in radians.
         size: (h, w) the f_s grid.
     Returns:
         (B, V, C, h, w) f_p, the voxel as seen from each view.
     """
     B, C, D, Hv, Wv = voxel.shape
-    V = angles.shape[0]
-    cos, sin = angles.cos(), angles.sin()
-    zero, one = torch.zeros_like(angles), torch.ones_like(angles)
-    # affine_grid's coordinates are (x, y, z) = (width, height, depth); y stays fixed.
-    theta = torch.stack([torch.stack([cos, zero, sin, zero], dim=-1),
-                         torch.stack([zero, one, zero, zero], dim=-1),
-                         torch.stack([-sin, zero, cos, zero], dim=-1)], dim=1)  # (V, 3, 4)
-    theta = theta.repeat(B, 1, 1)  # (B*V, 3, 4), sample-major
+    V = theta.shape[0]
+    cos, sin = theta.cos(), theta.sin()
+    zero, one = torch.zeros_like(theta), torch.ones_like(theta)
+    affine = torch.stack([torch.stack([cos, zero, -sin, zero], dim=-1),
+                          torch.stack([zero, one, zero, zero], dim=-1),
+                          torch.stack([sin, zero, cos, zero], dim=-1)], dim=1)  # (V, 3, 4), y fixed
+    affine = affine.repeat(B, 1, 1)  # (B*V, 3, 4), sample-major
     volume = voxel.repeat_interleave(V, dim=0)  # (B*V, C, D, Hv, Wv)
-    grid = F.affine_grid(theta, list(volume.shape), align_corners=False)  # (B*V, D, Hv, Wv, 3)
+    grid = F.affine_grid(affine, list(volume.shape), align_corners=False)  # (B*V, D, Hv, Wv, 3)
     rotated = F.grid_sample(volume, grid, align_corners=False)  # (B*V, C, D, Hv, Wv)
     plane = rotated.mean(dim=2)  # (B*V, C, Hv, Wv)
     plane = F.interpolate(plane, size=size, mode="bilinear", align_corners=False)  # (B*V, C, h, w)
@@ -190,7 +264,8 @@ def distillation_loss(f_tea: list[torch.Tensor], f_stu: list[torch.Tensor],
                       view_mask: torch.Tensor) -> torch.Tensor:
     """L_Distill: sum over kept views and scales of the mean over positions of 1 - cos(f_tea, f_stu).
 
-    Dropped views are multiplied by 0 (not skipped), so every decoder takes part in every step.
+    Dropped views are replaced by zeros with torch.where (not multiplied by 0, which would let a
+    NaN through).
 
     Args:
         f_tea, f_stu: 3 scales, each (B, V, C_s, h_s, w_s).
@@ -198,12 +273,22 @@ def distillation_loss(f_tea: list[torch.Tensor], f_stu: list[torch.Tensor],
     Returns:
         scalar, averaged over samples.
     """
-    kept = view_mask.to(f_tea[0].dtype)  # (B, V)
     total = 0.0
     for tea, stu in zip(f_tea, f_stu):
         distance = 1 - F.cosine_similarity(tea, stu, dim=2)  # (B, V, h_s, w_s)
-        total = total + (distance.mean(dim=(2, 3)) * kept).sum(dim=1)  # (B,)
+        total = total + distance.mean(dim=(2, 3)).where(view_mask, 0.0).sum(dim=1)  # (B,)
     return total.mean()
+
+
+def kl_divergence(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, Sigma^2) || N(0, 1)) per latent element, averaged over all elements.
+
+    Args:
+        mu, log_var: (B, L, h, w), log_var = log Sigma^2.
+    Returns:
+        scalar.
+    """
+    return -0.5 * (1 + log_var - mu.pow(2) - log_var.exp()).mean()
 
 
 def student_encoder() -> nn.Sequential:
@@ -220,6 +305,16 @@ def feed_forward(dim: int) -> nn.Sequential:
 # ----------------------------------------------------------------------------- blocks
 
 
+class Latent(NamedTuple):
+    """What the CB's forward hands to its ib_loss: the latent sample c and N(mu, Sigma^2)'s
+    parameters, each (B, L, h, w), and f_c = Decode(c) (B, C, h, w) itself, so that L_IB's gradient
+    reaches the very tensor that is subtracted from f_E."""
+    c: torch.Tensor
+    mu: torch.Tensor
+    log_var: torch.Tensor
+    f_c: torch.Tensor
+
+
 class ConsistencyBottleneck(nn.Module):
     """Consistency Bottleneck (CB): the view-common f_c of a sample and the view-specific f_s."""
 
@@ -228,43 +323,39 @@ class ConsistencyBottleneck(nn.Module):
         self.kl_weight = kl_weight
         self.f_mu = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(), nn.Conv2d(dim, latent, 1))
         self.f_sigma = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(), nn.Conv2d(dim, latent, 1))
-        self.expand = nn.Conv2d(latent, dim, 1)  # latent f_c -> C channels, to subtract it from f_E
-        # q(f_E | f_c), the reconstruction decoder of L_IB (training only)
-        self.reconstruct = nn.Sequential(nn.Conv2d(latent, dim, 1), nn.ReLU(), nn.Conv2d(dim, dim, 1))
+        self.decode = nn.Sequential(nn.Conv2d(latent, dim, 1), nn.ReLU(), nn.Conv2d(dim, dim, 1))  # c -> f_c
 
     def forward(self, f_E: torch.Tensor, view_mask: torch.Tensor):
         """Args:
             f_E: (B, V, C, h, w) the student encoder's features.
             view_mask: (B, V) bool, True = view kept.
         Returns:
-            f_c (B, C, h, w), f_s (B, V, C, h, w), and latent = (c, mu, log_var), each (B, L, h, w),
-            where c is f_c in the latent space.
+            f_c (B, C, h, w); f_s (B, V, C, h, w), zeros for the dropped views; and the Latent
+            (c, mu, log_var, f_c) that ib_loss needs.
         """
         # STEP 1: what the kept views share: their mean (absent views excluded)
         pooled = masked_view_mean(f_E, view_mask)  # (B, C, h, w)
-        # STEP 2: N(mu, Sigma) from the two sub-networks f_e^mu and f_e^Sigma
+        # STEP 2: N(mu, Sigma^2) from the two sub-networks f_e^mu and f_e^Sigma
         mu, log_var = self.f_mu(pooled), self.f_sigma(pooled)  # (B, L, h, w)
-        # STEP 3: f_c = mu + Sigma * eps in training (reparameterisation), mu at test time
+        # STEP 3: c = mu + Sigma * eps in training (reparameterisation), mu at test time
         c = mu + (0.5 * log_var).exp() * torch.randn_like(mu) if self.training else mu  # (B, L, h, w)
-        f_c = self.expand(c)  # (B, C, h, w)
+        f_c = self.decode(c)  # (B, C, h, w)
         # STEP 4: f_s^(v) = f_E^(v) - f_c, one f_c per sample shared by its views
-        f_s = f_E - f_c[:, None]  # (B, V, C, h, w)
-        return f_c, f_s, (c, mu, log_var)
+        f_s = (f_E - f_c[:, None]).where(view_mask[:, :, None, None, None], 0.0)  # (B, V, C, h, w)
+        return f_c, f_s, Latent(c, mu, log_var, f_c)
 
-    def ib_loss(self, f_E: torch.Tensor, view_mask: torch.Tensor, latent) -> torch.Tensor:
-        """L_IB: -log q(f_E | f_c) as an MSE to each kept view's (detached) f_E, + kl_weight * KL.
+    def ib_loss(self, f_E: torch.Tensor, view_mask: torch.Tensor, latent: Latent) -> torch.Tensor:
+        """L_IB = -log q(f_E | f_c) with q(f_E^(v) | f_c) = N(f_c, I): the mean squared distance of
+        f_c to each kept view's (detached) f_E, + kl_weight * KL(N(mu, Sigma^2) || N(0, 1)).
 
         Args:
-            f_E: (B, V, C, h, w); view_mask: (B, V) bool; latent: (c, mu, log_var) from forward.
+            f_E: (B, V, C, h, w); view_mask: (B, V) bool; latent: the Latent from forward.
         Returns:
             scalar, averaged over kept views and samples.
         """
-        c, mu, log_var = latent
-        recon = self.reconstruct(c)  # (B, C, h, w)
-        error = (recon[:, None] - f_E.detach()).pow(2).mean(dim=(2, 3, 4))  # (B, V)
+        error = (f_E.detach() - latent.f_c[:, None]).pow(2).mean(dim=(2, 3, 4))  # (B, V)
         reconstruction = masked_view_mean(error, view_mask).mean()
-        kl = -0.5 * (1 + log_var - mu.pow(2) - log_var.exp()).mean()
-        return reconstruction + self.kl_weight * kl
+        return reconstruction + self.kl_weight * kl_divergence(latent.mu, latent.log_var)
 
 
 class MultiHeadAttention(nn.Module):
@@ -340,12 +431,11 @@ class ImplicitVoxel(nn.Module):
             (B, C, D, Hv, Wv) the fused voxel P_n.
         """
         B, V, C, h, w = f_s.shape
-        # STEP 1: patchify f_s into a 1D token sequence + 2D positional + view encodings
-        tokens = self.patchify(f_s.flatten(0, 1))  # (B*V, C, h/p, w/p)
-        tokens = tokens.flatten(2).transpose(1, 2) + self.token_pos  # (B*V, T, C)
-        T = tokens.shape[1]
-        tokens = tokens.view(B, V, T, C) + self.view_embed[:, None, :]  # (B, V, T, C)
-        tokens = tokens.reshape(B, V * T, C)  # (B, V*T, C)
+        # STEP 1: patchify the kept views' f_s into a 1D token sequence + 2D positional + view encodings
+        tokens = on_kept_rows(self.patchify, f_s, view_mask)  # (B, V, C, h/p, w/p), zeros if dropped
+        tokens = tokens.flatten(3).transpose(2, 3) + self.token_pos  # (B, V, T, C)
+        T = tokens.shape[2]
+        tokens = (tokens + self.view_embed[:, None, :]).reshape(B, V * T, C)  # (B, V*T, C)
         token_mask = view_mask.repeat_interleave(T, dim=1)  # (B, V*T)
         # STEP 2: the prototype P_0 + 3D positional encoding, the same for every sample
         voxel = (self.prototype + self.voxel_pos).expand(B, -1, -1)  # (B, D*Hv*Wv, C)
@@ -358,16 +448,15 @@ class ImplicitVoxel(nn.Module):
 
 
 class STN(nn.Module):
-    """The re-projection f_p^(v) = STN^(v)(P_n, alpha^(v)) with one learnable angle per view."""
+    """The re-projection f_p^(v) = STN^(v)(P_n, theta^(v)) with one learnable azimuth per view."""
 
     def __init__(self, num_views: int):
         super().__init__()
-        # alpha^(v), initialised evenly spaced over 2 pi
-        self.angles = nn.Parameter(torch.arange(num_views) * 2 * math.pi / num_views)
+        self.theta = nn.Parameter(torch.arange(num_views) * 2 * math.pi / num_views)  # (V,) evenly over 2 pi
 
     def forward(self, voxel: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(B, C, D, Hv, Wv) -> (B, V, C, h, w) with (h, w) = size."""
-        return rotate_and_project(voxel, self.angles, size)
+        return rotate_and_project(voxel, self.theta, size)
 
 
 class ViewDecoder(nn.Module):
@@ -396,9 +485,11 @@ class ViewDecoder(nn.Module):
 @dataclass
 class IDIFConfig:
     image_size: int = 256  # input side H = W (paper: 256); a multiple of 16 * patch_size
-    num_views: int = 5  # V, views per sample (Real-IAD: 5 cameras); one STN angle and decoder each
+    num_views: int = 5  # V, views per sample (Real-IAD: 5 cameras); one STN theta and decoder each
     weights: str = "auto"  # teacher ResNet18 weights: auto | imagenet | none | PATH (mvad.FrozenEncoder)
-    latent_channels: int = 64  # L, channels of the bottleneck's latent f_c (paper is silent)
+    bottleneck: bool = True  # the Consistency Bottleneck; False: f_c = 0, f_s = f_E, no L_IB (paper's ablation)
+    fusion: bool = True  # the IVC and the STN; False: each decoder gets its own view's f_s (+ f_c) only
+    latent_channels: int = 64  # L, channels of the bottleneck's latent c (paper is silent)
     voxel_size: tuple[int, int, int] = (4, 8, 8)  # (D, Hv, Wv) voxel cells of width 256 (paper is silent)
     patch_size: int = 2  # f_s patch side per token: 16x16 -> 8x8 tokens per view at 256 (paper is silent)
     fusion_blocks: int = 2  # IVC fusion blocks (paper is silent)
@@ -406,7 +497,7 @@ class IDIFConfig:
     view_dropout: float = 0.2  # probability of dropping a view in training, one always kept (paper: 0.2)
     alpha: float = 1.0  # weight of L_Distill (paper: 1)
     beta: float = 1.0  # weight of L_IB (paper: 1)
-    kl_weight: float = 0.0  # weight of KL(N(mu, Sigma) || N(0, I)) inside L_IB (paper: no KL term)
+    kl_weight: float = 0.01  # weight of KL(N(mu, Sigma^2) || N(0, 1)) in L_IB; holds Sigma up (paper: none)
 
 
 class IDIF(nn.Module):
@@ -425,10 +516,13 @@ class IDIF(nn.Module):
         self.teacher = FrozenEncoder("resnet18", cfg.weights)
         channels = self.teacher.channels  # (64, 128, 256); C = 256 is also the student's f_E width
         self.student = student_encoder()
-        self.bottleneck = ConsistencyBottleneck(channels[-1], cfg.latent_channels, cfg.kl_weight)
-        self.implicit_voxel = ImplicitVoxel(channels[-1], cfg.voxel_size, (grid, grid), cfg.num_views,
-                                            cfg.patch_size, cfg.fusion_blocks, cfg.heads)
-        self.stn = STN(cfg.num_views)
+        # a switched-off part is not built at all: no parameters, no computation
+        self.bottleneck = (ConsistencyBottleneck(channels[-1], cfg.latent_channels, cfg.kl_weight)
+                           if cfg.bottleneck else None)
+        self.implicit_voxel = (ImplicitVoxel(channels[-1], cfg.voxel_size, (grid, grid), cfg.num_views,
+                                             cfg.patch_size, cfg.fusion_blocks, cfg.heads)
+                               if cfg.fusion else None)
+        self.stn = STN(cfg.num_views) if cfg.fusion else None
         self.decoders = nn.ModuleList(ViewDecoder(channels) for _ in range(cfg.num_views))
 
     def check_inputs(self, images: torch.Tensor, view_mask: torch.Tensor | None) -> None:
@@ -447,30 +541,46 @@ class IDIF(nn.Module):
             raise UserError("view_mask marks every view of a sample absent; IDIF needs at least one "
                             "present view per sample")
 
+    def decoder_input(self, f_E: torch.Tensor, view_mask: torch.Tensor):
+        """The CB, the IVC and the STN, each skipped when switched off.
+
+        Args:
+            f_E: (B, V, C, h, w) the student encoder's features; view_mask: (B, V) bool.
+        Returns:
+            f_p + f_c (B, V, C, h, w), the decoders' input, and the CB's Latent (None without a CB).
+        """
+        f_c, f_s, latent = None, f_E, None  # without a CB: f_c = 0, f_s = f_E
+        if self.bottleneck is not None:
+            # STEP 1: intra-view decoupling (CB): c = mu + Sigma * eps, f_c = Decode(c), f_s = f_E - f_c
+            f_c, f_s, latent = self.bottleneck(f_E, view_mask)  # (B, C, h, w), (B, V, C, h, w)
+        f_p = f_s  # without fusion each view keeps its own f_s
+        if self.implicit_voxel is not None:
+            # STEP 2: inter-view fusion (IVC): P_0 -> P_n with the kept views' f_s
+            voxel = self.implicit_voxel(f_s, view_mask)  # (B, C, D, Hv, Wv)
+            # STEP 3: f_p^(v) = STN^(v)(P_n, theta^(v))
+            f_p = self.stn(voxel, f_E.shape[-2:])  # (B, V, C, h, w)
+        return (f_p if f_c is None else f_p + f_c[:, None]), latent  # (B, V, C, h, w)
+
     def features(self, images: torch.Tensor, corrupted: torch.Tensor, view_mask: torch.Tensor):
-        """The teacher's features of the clean views and the student's of the corrupted ones.
+        """The teacher's features of the clean views and the student's of the corrupted ones, both
+        computed for the kept views only (zeros for the others).
 
         Args:
             images, corrupted: (B, V, 3, H, W) clean and pseudo-anomalous (or, at test time, the same) views.
             view_mask: (B, V) bool, True = view kept.
         Returns:
-            f_tea, f_stu (3 scales, each (B, V, C_s, h_s, w_s)), f_E (B, V, C, h, w), the CB latent.
+            f_tea, f_stu (3 scales, each (B, V, C_s, h_s, w_s)), f_E (B, V, C, h, w), the CB's
+            Latent (None without a CB).
         """
-        B, V, _, H, W = images.shape
-        # STEP 1: the frozen teacher sees every clean view separately
-        f_tea = self.teacher(images.flatten(0, 1))  # 3 x (B*V, C_s, h_s, w_s)
-        f_tea = [f.unflatten(0, (B, V)) for f in f_tea]  # 3 x (B, V, C_s, h_s, w_s)
-        # STEP 2: the view-shared student encoder on the pseudo-anomalous views
-        f_E = self.student(corrupted.flatten(0, 1)).unflatten(0, (B, V))  # (B, V, C, h, w)
-        # STEP 3: intra-view decoupling (CB): f_c = mu + Sigma * eps, f_s = f_E - f_c
-        f_c, f_s, latent = self.bottleneck(f_E, view_mask)  # (B, C, h, w), (B, V, C, h, w)
-        # STEP 4: inter-view fusion (IVC): P_0 -> P_n with the kept views' f_s
-        voxel = self.implicit_voxel(f_s, view_mask)  # (B, C, D, Hv, Wv)
-        # STEP 5: f_p^(v) = STN^(v)(P_n, alpha^(v))
-        f_p = self.stn(voxel, f_E.shape[-2:])  # (B, V, C, h, w)
-        # STEP 6: f_stu^(v) = Decoder^(v)(f_p^(v) + f_c)
-        x = f_p + f_c[:, None]  # (B, V, C, h, w)
-        per_view = [decoder(x[:, v]) for v, decoder in enumerate(self.decoders)]  # V x 3 x (B, C_s, h_s, w_s)
+        # STEP 1: the frozen teacher sees every kept clean view separately
+        f_tea = on_kept_rows(self.teacher, images, view_mask)  # 3 x (B, V, C_s, h_s, w_s)
+        # STEP 2: the view-shared student encoder on the kept pseudo-anomalous views
+        f_E = on_kept_rows(self.student, corrupted, view_mask)  # (B, V, C, h, w)
+        # STEP 3: CB, IVC and STN: x = f_p + f_c
+        x, latent = self.decoder_input(f_E, view_mask)  # (B, V, C, h, w)
+        # STEP 4: f_stu^(v) = Decoder^(v)(f_p^(v) + f_c), on the samples that keep view v
+        per_view = [on_kept_rows(decoder, x[:, v], view_mask[:, v])
+                    for v, decoder in enumerate(self.decoders)]  # V x 3 x (B, C_s, h_s, w_s)
         f_stu = [torch.stack(scale, dim=1) for scale in zip(*per_view)]  # 3 x (B, V, C_s, h_s, w_s)
         return f_tea, f_stu, f_E, latent
 
@@ -484,7 +594,9 @@ class IDIF(nn.Module):
             view_mask: (B, V) bool, True = view present; None: view-wise dropout in training mode,
                 every view in eval mode.
         Returns:
-            {"loss": alpha L_Distill + beta L_IB, "distill": L_Distill, "ib": L_IB (both detached)}.
+            {"loss": alpha L_Distill + beta L_IB, "distill": L_Distill} and, with a CB, "ib": L_IB,
+            "kl": KL(N(mu, Sigma^2) || N(0, 1)) (logged even at kl_weight 0), "sigma": the mean of
+            Sigma; all but "loss" detached.
         """
         self.check_inputs(images, view_mask)
         if corrupted.shape != images.shape:
@@ -496,19 +608,23 @@ class IDIF(nn.Module):
                          else torch.ones(B, V, dtype=torch.bool, device=images.device))  # (B, V)
         f_tea, f_stu, f_E, latent = self.features(images, corrupted, view_mask)
         distill = distillation_loss(f_tea, f_stu, view_mask)
+        if latent is None:
+            return {"loss": self.cfg.alpha * distill, "distill": distill.detach()}
         ib = self.bottleneck.ib_loss(f_E, view_mask, latent)
         loss = self.cfg.alpha * distill + self.cfg.beta * ib  # L = alpha L_Distill + beta L_IB
-        return {"loss": loss, "distill": distill.detach(), "ib": ib.detach()}
+        return {"loss": loss, "distill": distill.detach(), "ib": ib.detach(),
+                "kl": kl_divergence(latent.mu, latent.log_var).detach(),
+                "sigma": (0.5 * latent.log_var).exp().mean().detach()}
 
     def forward(self, images: torch.Tensor, corrupted: torch.Tensor,
-                view_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The scalar training loss alpha L_Distill + beta L_IB (see loss_parts)."""
-        return self.loss_parts(images, corrupted, view_mask)["loss"]
+                view_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The training loss and its parts, loss_parts' dict (train.py logs every part)."""
+        return self.loss_parts(images, corrupted, view_mask)
 
     def loss(self, images: torch.Tensor, corrupted: torch.Tensor,
              view_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The training loss by name; the same call as `model(images, corrupted, view_mask)`."""
-        return self(images, corrupted, view_mask)
+        """The scalar training loss alpha L_Distill + beta L_IB."""
+        return self(images, corrupted, view_mask)["loss"]
 
     @torch.no_grad()
     def anomaly_map(self, images: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -516,8 +632,8 @@ class IDIF(nn.Module):
 
         Args:
             images: (B, V, 3, H, W) test views, ImageNet-normalised.
-            view_mask: (B, V) bool, True = view present; None = every view. An absent view has no
-                influence on the present views' maps, and its own map is zero.
+            view_mask: (B, V) bool, True = view present; None = every view. An absent view is never
+                read, has no influence on the present views' maps, and its own map is zero.
         Returns:
             (B, V, H, W) float32: mean over scales of the upsampled 1 - cos, smoothed with sigma 4.
         """
@@ -529,4 +645,4 @@ class IDIF(nn.Module):
         maps = [cosine_distance_map(tea.flatten(0, 1).float(), stu.flatten(0, 1).float(), (H, W))
                 for tea, stu in zip(f_tea, f_stu)]  # 3 x (B*V, H, W)
         maps = gaussian_blur(torch.stack(maps).mean(dim=0), sigma=4.0)  # (B*V, H, W)
-        return maps.view(B, V, H, W) * view_mask[:, :, None, None]  # (B, V, H, W)
+        return maps.view(B, V, H, W).where(view_mask[:, :, None, None], 0.0)  # (B, V, H, W)

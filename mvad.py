@@ -33,6 +33,10 @@ Choices where the paper is silent, and our extensions:
   uncalibrated vs 0.98 calibrated).
 - The positional embedding is computed for the actual feature size (the official code hard-codes
   64/32/16, i.e. 256 px inputs), so small images work in tests.
+- `mvas=False` (our ablation switch): no MVAS block exists; the encoder's features go straight to
+  the OCBE. That is RD4AD (Deng and Li, CVPR 2022), the "RD" column of the papers' tables, with
+  MVAD's OCBE (RD4AD's own OCBE concatenates the three scales instead of adding them), so that the
+  two models differ by the MVAS blocks alone.
 - `backbone="wide_resnet50_2"`: the fusion widens with the encoder (channels 256/512/1024) and the
   decoder mirrors it with RD4AD's de-bottleneck blocks (de-WideResNet50-2), as RD4AD does.
 """
@@ -656,6 +660,7 @@ class MVADConfig:
     drop_path: float = 0.1  # stochastic depth on the MVAS branch; official: 0.1
     loss_weight: float = 5.0  # multiplies the multi-scale MSE; official: 5 (ADer's L2Loss lam)
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly maps, pixels; official: 4
+    mvas: bool = True  # the MVAS blocks; False: none at all, RD4AD (the "RD" column of the papers' tables)
 
 
 class MVAD(nn.Module):
@@ -673,7 +678,7 @@ class MVAD(nn.Module):
         channels = self.encoder.channels  # (64, 128, 256) for ResNet18/34
         self.fusion = nn.ModuleList(
             MultiViewFusion(c, depth, n_win, cfg.topk, cfg.num_heads, cfg.mlp_ratio, cfg.dropout, cfg.drop_path)
-            for c, depth, n_win in zip(channels, cfg.blocks, cfg.n_win))
+            for c, depth, n_win in zip(channels, cfg.blocks, cfg.n_win)) if cfg.mvas else None
         self.bottleneck = OCBE(channels)
         block = DeBottleneck if cfg.backbone == "wide_resnet50_2" else DeBasicBlock
         self.decoder = Decoder(channels, block)
@@ -698,9 +703,11 @@ class MVAD(nn.Module):
         # STEP 1: the frozen pre-trained encoder sees every view separately: X_i^j for scale j
         teacher = self.encoder(images.flatten(0, 1))  # S x (B*V, C_s, H_s, W_s)
         # STEP 2: MVAS blocks per scale, X_o^j = LN^j(MVAS^j(X_i^j + P)) + X_i^j (in the code's
-        # post-norm form, see MVASBlock): each view attends to the top-k windows of the others
-        fused = [fuse(t.unflatten(0, (B, V)), view_mask).flatten(0, 1)  # (B*V, C_s, H_s, W_s)
-                 for fuse, t in zip(self.fusion, teacher)]
+        # post-norm form, see MVASBlock): each view attends to the top-k windows of the others.
+        # Without them (mvas=False, RD4AD) the encoder's features go straight to the OCBE.
+        fused = teacher if self.fusion is None else [
+            fuse(t.unflatten(0, (B, V)), view_mask).flatten(0, 1)  # (B*V, C_s, H_s, W_s)
+            for fuse, t in zip(self.fusion, teacher)]
         # STEP 3: OCBE bottleneck, then the student decoder reconstructs the teacher's scales
         bottleneck = self.bottleneck(*fused)  # (B*V, 2*C_2, H/32, W/32)
         student = self.decoder(bottleneck)  # S x (B*V, C_s, H_s, W_s)

@@ -1,6 +1,7 @@
-"""Train MVAD or IDIF on Real-IAD (or the built-in synthetic multi-view dataset), then evaluate.
+"""Train MVAD or IDIF, or fit PatchCore, on Real-IAD (or the built-in synthetic multi-view data), then evaluate.
 
     python train.py --method idif --category zipper             # offline: synthetic data, CPU or GPU
+    python train.py --method patchcore --category zipper        # the single-view baseline: no epochs
     python train.py --method mvad --category all --data-root /data/Real-IAD
     torchrun --nproc_per_node=4 train.py --method mvad --category all --data-root /data/Real-IAD
     python train.py --method idif --category zipper --resume    # continue runs/idif_zipper/last.pt
@@ -8,9 +9,12 @@
 
 One loop serves both methods: a batch is (B, V, 3, H, W), the last partial one dropped as in the
 official code (`fit_batch`); MVAD's loss needs only the clean views, IDIF's also the
-pseudo-anomalous ones (data.PseudoAnomalies). After the last epoch the run is evaluated by
-eval.py's `main`, which writes metrics.json, metrics.md and the pictures into --out; a run whose
-settings are not the papers' says so in one line, with the papers' command (eval.protocol_note).
+pseudo-anomalous ones (data.PseudoAnomalies). PatchCore (patchcore.py) is training-free: no
+optimizer and no epochs (OPTIMIZERS["patchcore"] is None); one pass over the training images fills
+its memory bank, saved in last.pt like a trained model. After the last epoch (or the fit) the run
+is evaluated by eval.py's `main`, which writes metrics.json, metrics.md and the pictures into
+--out; a run whose settings are not the papers' says so in one line, with the papers' command
+(eval.protocol_note).
 
 Profiles: with a GPU the defaults are the papers' settings (256x256, batch 8 samples, 100 epochs);
 on a CPU a small profile (`PROFILES["cpu"]`: 128x128, batch 4, 15 epochs, per-camera score
@@ -59,20 +63,21 @@ PROFILES = {
 # Per method: AdamW with the base learning rate per 16 images (the ADer rule of the official MVAD
 # code: lr = base * images per step / 16), weight decay on weights only, step decay x0.1 at 80% of
 # the epochs, gradient-norm clip. MVAD's is the official recipe. IDIF: paper is silent; we use the
-# same recipe with a lower base rate for its attention fusion.
+# same recipe with a lower base rate for its attention fusion. None: a training-free method.
 OPTIMIZERS = {
     "mvad": dict(base_lr=0.005, weight_decay=1e-4, clip=5.0),
     "idif": dict(base_lr=0.002, weight_decay=1e-4, clip=5.0),
+    "patchcore": None,  # one pass over the training images fills its memory bank
 }
 
 
 @dataclass
 class TrainConfig:
-    method: str = "idif"  # mvad | idif
+    method: str = "idif"  # mvad | idif | patchcore
     category: str = "zipper"  # a Real-IAD category, a comma list, or "all" (multi-class)
     data_root: str | None = None  # Real-IAD folder; None: $REALIAD_ROOT or ./data/realiad, else synthetic
     out: str | None = None  # run folder; None: runs/<method>_<category>
-    epochs: int | None = None  # None: the profile's (paper: 100)
+    epochs: int | None = None  # None: the profile's (paper: 100); PatchCore has none
     batch_size: int | None = None  # samples of V views per step, over all processes (paper: 8)
     image_size: int | None = None  # input side in pixels; None: the profile's (paper: 256)
     lr: float | None = None  # None: OPTIMIZERS' base rate x images per step / 16
@@ -206,33 +211,43 @@ def training_set(cfg: TrainConfig, root: Path):
 
 
 def build_model(cfg: TrainConfig, views: int, device) -> tuple:
-    """(the method's config, the model seeded from --seed and placed on `device`, its AdamW)."""
+    """(the method's config, the model seeded from --seed and placed on `device`, its AdamW; None for
+    a training-free method)."""
     torch.manual_seed(cfg.seed)  # the model's initial weights
     model_cfg = model_config(cfg, views)
     model = place(METHODS[cfg.method][1](model_cfg), device)
+    if OPTIMIZERS[cfg.method] is None:
+        return model_cfg, model, None
     lr = cfg.lr or default_lr(cfg.method, cfg.batch_size, views)
     return model_cfg, model, build_optimizer(model, cfg.method, lr)
 
 
-def train_step(net: torch.nn.Module, optimizer, batch: dict, method: str, device) -> torch.Tensor:
-    """One optimisation step (net: the model or its DDP wrapper); returns the loss."""
-    loss = training_loss(net, batch, method, device)
+def train_step(net: torch.nn.Module, optimizer, batch: dict, method: str, device) -> dict[str, float]:
+    """One optimisation step (net: the model or its DDP wrapper); returns the loss and the parts the
+    model reports (IDIF: L_Distill, L_IB, KL, mean Sigma) as floats."""
+    parts = training_loss(net, batch, method, device)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    parts["loss"].backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), OPTIMIZERS[method]["clip"])
     optimizer.step()
-    return loss
+    return dict(zip(parts, torch.stack([v.detach() for v in parts.values()]).tolist()))  # one sync
 
 
 def save_atomically(state: dict, path: Path) -> None:
     """torch.save into a temporary file in the same folder, then rename over `path`: a run killed at
-    any moment leaves either the previous checkpoint or the new one, never half a file."""
+    any moment leaves either the previous checkpoint or the new one, never half a file. A write that
+    fails (a full disk) removes the temporary file and ends in a one-line error naming the folder."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise data.UserError(f"{path.parent}: cannot save {path.name} ({e.strerror or e}); free space "
+                             "there or choose another --out") from None
 
 
 def load_checkpoint(path: Path, method: str | None = None) -> dict:
@@ -306,12 +321,13 @@ def data_parallel(model: torch.nn.Module, device: torch.device, world: int, log)
     return DistributedDataParallel(model)
 
 
-def training_loss(model, batch: dict, method: str, device: torch.device) -> torch.Tensor:
-    """One batch's scalar loss; IDIF's student also sees the pseudo-anomalous views."""
+def training_loss(model, batch: dict, method: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """One batch's {"loss": scalar loss} and, for IDIF, the parts its forward reports (detached);
+    IDIF's student also sees the pseudo-anomalous views."""
     images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, H, W)
     if method == "idif":
         return model(images, batch["corrupted"].to(device, non_blocking=True))
-    return model(images)
+    return {"loss": model(images)}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -375,8 +391,9 @@ def fit_batch(cfg: TrainConfig, samples: int, world: int, log) -> TrainConfig:
 def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     log = print if rank == 0 else (lambda *args: None)
     profile = "gpu (the papers' settings)" if device.type == "cuda" else "cpu (small and quick)"
+    schedule = f"{cfg.epochs} epochs" if OPTIMIZERS[cfg.method] else "training-free"
     log(f"{cfg.method} on {cfg.category}: {profile} profile: image {cfg.image_size}, batch "
-        f"{cfg.batch_size}, {cfg.epochs} epochs, view-norm {'on' if cfg.view_norm else 'off'}, device {device}, "
+        f"{cfg.batch_size}, {schedule}, view-norm {'on' if cfg.view_norm else 'off'}, device {device}, "
         f"{world} process(es)")
     root = data_root_for(cfg, log)
     cfg = dataclasses.replace(cfg, data_root=str(root))  # eval.py reads the same folder
@@ -389,6 +406,10 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
                           "random_encoder": random_encoder}, root, bool(cfg.view_norm))
     if note:
         log(note)
+    if optimizer is None:  # training-free: rank 0 fits, then every process evaluates its shard
+        if rank == 0:
+            return fit_memory_bank(cfg, model, model_cfg, train_set, device, log)
+        return evaluate_checkpoint(cfg, Path(cfg.out) / "last.pt", device) if cfg.evaluate else {}
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [max(1, int(0.8 * cfg.epochs))], gamma=0.1)
     out = Path(cfg.out)
     checkpoint_path = out / "last.pt"
@@ -414,21 +435,22 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
             train_set.set_epoch(epoch)
         torch.manual_seed(cfg.seed + 1000 * (epoch + 1) + rank)  # dropout, DropPath, view dropout, noise
         model.train()
-        started, total = time.perf_counter(), 0.0
+        started, sums = time.perf_counter(), {}
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0, leave=False)
         for batch in bar:
-            loss = train_step(ddp, optimizer, batch, cfg.method, device)
-            total += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        scheduler.step()
+            parts = train_step(ddp, optimizer, batch, cfg.method, device)
+            sums = {name: sums.get(name, 0.0) + value for name, value in parts.items()}
+            bar.set_postfix(loss=f"{parts['loss']:.4f}")
         if world > 1 and device.type != "cuda":
             share_batchnorm_statistics(model)
         seconds = time.perf_counter() - started
-        history.append({"epoch": epoch + 1, "loss": total / len(loader), "seconds": seconds,
+        means = {name: total / len(loader) for name, total in sums.items()}  # loss and its parts
+        history.append({"epoch": epoch + 1, **means, "seconds": seconds,
                         "samples_per_s": len(loader) * cfg.batch_size / seconds,  # samples trained: full batches
-                        "lr": optimizer.param_groups[0]["lr"]})
-        log(f"epoch {epoch + 1}/{cfg.epochs}  loss {history[-1]['loss']:.4f}  {seconds:.1f} s  "
-            f"{history[-1]['samples_per_s']:.1f} samples/s")
+                        "lr": optimizer.param_groups[0]["lr"]})  # the rate this epoch trained with
+        scheduler.step()
+        log(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
+            + f"  {seconds:.1f} s  {history[-1]['samples_per_s']:.1f} samples/s")
         if rank == 0:
             save_atomically({"method": cfg.method, "config": dataclasses.asdict(model_cfg),
                              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -439,8 +461,42 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
 
     if not cfg.evaluate:
         return {}
-    if world > 1:
-        dist.barrier()  # every process evaluates its shard with the last checkpoint, which rank 0 has written
+    return evaluate_checkpoint(cfg, checkpoint_path, device)
+
+
+def fit_memory_bank(cfg: TrainConfig, model, model_cfg, train_set, device: torch.device, log) -> dict:
+    """A training-free run (PatchCore): one pass over the training images fills the memory bank,
+    saved atomically in last.pt with the frozen encoder; then the same evaluation as a trained run.
+    With --resume an existing bank is evaluated again, not refitted."""
+    out, checkpoint_path = Path(cfg.out), Path(cfg.out) / "last.pt"
+    if cfg.resume:
+        model.load_state_dict(load_checkpoint(checkpoint_path, cfg.method)["model"])
+        log(f"Resuming {checkpoint_path}: its memory bank is fitted already")
+    else:
+        random_encoder = any(m.needs_calibration for m in model.modules() if isinstance(m, FrozenEncoder))
+        calibrate_frozen_encoders(model, train_set, device, log)
+        started = time.perf_counter()
+        loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                            pin_memory=device.type == "cuda")
+        batches = (batch["images"].to(device) for batch in tqdm(loader, desc="memory bank", leave=False))
+        fit = model.fit(batches, seed=cfg.seed)
+        fit["seconds"] = time.perf_counter() - started
+        mib = model.memory_bank.numel() * model.memory_bank.element_size() / 2**20
+        log(f"memory bank: {fit['bank_size']} of {fit['patches']} training patches in {fit['banks']} bank(s), "
+            f"{mib:.0f} MiB, fitted in {fit['seconds']:.1f} s")
+        save_atomically({"method": cfg.method, "config": dataclasses.asdict(model_cfg), "model": model.state_dict(),
+                         "seed": cfg.seed, "history": [fit], "train": dataclasses.asdict(cfg),
+                         "random_encoder": random_encoder}, checkpoint_path)
+        (out / "history.json").write_text(json.dumps([fit], indent=1))
+    return evaluate_checkpoint(cfg, checkpoint_path, device) if cfg.evaluate else {}
+
+
+def evaluate_checkpoint(cfg: TrainConfig, checkpoint_path: Path, device: torch.device) -> dict:
+    """eval.py's main on the run's checkpoint, with the run's device, workers and view-norm setting.
+    With several processes every process evaluates its shard of the test split (eval.py), once
+    rank 0 has written the checkpoint."""
+    if dist.is_initialized():
+        dist.barrier()
     return evaluate_run(EvalConfig(checkpoint=str(checkpoint_path), device=str(device), workers=cfg.workers,
                                    view_norm=cfg.view_norm, export_adeval=cfg.export_adeval))
 

@@ -52,10 +52,10 @@ def arguments(doc: str) -> argparse.ArgumentParser:
     return p
 
 
-def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Parses the flags; --out is made absolute against the repository root; refuses cuda without a GPU;
-    sets the torch threads."""
-    args = parser.parse_args()
+def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parses the flags (argv, default the command line's); --out is made absolute against the
+    repository root; refuses cuda without a GPU; sets the torch threads."""
+    args = parser.parse_args(argv)
     args.out = args.out if args.out.is_absolute() else ROOT / args.out
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine; use --device cpu")

@@ -139,7 +139,7 @@ class PartTimer:
         device = torch.device(self.device)
         common.synchronize(device)
         start = time.perf_counter()
-        loss = train.training_loss(model, batch, method, device)
+        loss = train.training_loss(model, batch, method, device)["loss"]
         common.synchronize(device)
         middle = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -168,7 +168,7 @@ def count_flops(model, optimizer, batch, method: str, device: str) -> tuple[int,
     with FlopCounterMode(display=False) as forward_only:
         train.training_loss(model, batch, method, torch.device(device))
     with FlopCounterMode(display=False) as both:
-        train.training_loss(model, batch, method, torch.device(device)).backward()
+        train.training_loss(model, batch, method, torch.device(device))["loss"].backward()
     optimizer.zero_grad(set_to_none=True)
     prefix = type(model).__name__ + "."
     per_module = {k[len(prefix):]: sum(v.values()) for k, v in forward_only.get_flop_counts().items()

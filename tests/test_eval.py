@@ -1,6 +1,7 @@
 """eval.py as a script: tiny MVAD / IDIF checkpoints on a few synthetic samples through main(cfg),
-the dropped-view path, the report formats, the export for Real-IAD's scorer ADEval (checked against
-ADEval's own command line), `eval.py predict`, and the one-line errors of the command line."""
+the dropped-view path, view-norm and the mean over categories against oracle detectors, the report
+formats, the export for Real-IAD's scorer ADEval (checked against ADEval's own command line),
+`eval.py predict`, and the one-line errors of the command line."""
 import dataclasses
 import json
 import math
@@ -17,10 +18,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.testing import assert_close
 
 import data
-from eval import (ADEVAL_SAMPLE_KEY, LEVEL_KEYS, ADEvalExport, EvalConfig, adeval_argv, cli, drop_views_mask,
-                  evaluate, find_data_root, format_table, load_model, main)
+from eval import (ADEVAL_SAMPLE_KEY, LEVEL_KEYS, ADEvalExport, EvalConfig, adeval_argv, camera_statistics, cli,
+                  drop_views_mask, evaluate, find_data_root, format_table, load_model, main)
 from eval import connected_components as eval_connected_components
 from idif import IDIF, IDIFConfig
 from mvad import MVAD, MVADConfig
@@ -270,6 +272,90 @@ def test_evaluate_with_a_perfect_detector(drop):
     assert [ex["label"] for ex in collected["examples"]] == [True, True]
 
 
+def noisy_dataset(split: str, samples: int, seed: int, categories=("zipper",), shift=None) -> list[dict]:
+    """Items for an imperfect oracle: channel 0 of view v holds a constant level b ~ U(0, 1) (plus
+    `shift[category]`) and, in the test split, +5 on a defect box of views i % 5 and (i + 2) % 5 of
+    every odd sample i. Training items are normal."""
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(samples):
+        category = categories[(i // 2) % len(categories)]
+        masks = torch.zeros(5, 1, 8, 8)
+        if split == "test" and i % 2:
+            masks[i % 5, 0, 2:4, 3:6] = 1
+            masks[(i + 2) % 5, 0, 5:7, 0:2] = 1
+        level = torch.rand(5, generator=g) + (shift or {}).get(category, 0.0)  # (V,)
+        images = torch.zeros(5, 3, 8, 8)
+        images[:, 0] = level[:, None, None] + 5 * masks[:, 0]
+        items.append({"images": images, "masks": masks, "view_classes": masks.flatten(1).amax(1).long(),
+                      "sample_id": f"{split}{i}", "category": category})
+    return items
+
+
+class LoudFirstCamera(torch.nn.Module):
+    """An oracle whose camera C1 scores +10 on every map, defect or not."""
+
+    def anomaly_map(self, images, view_mask=None):
+        maps = images[:, :, 0].clone()  # (B, V, H, W)
+        maps[:, 0] += 10
+        return maps
+
+
+def test_view_norm_statistics_and_what_they_fix():
+    """camera_statistics are each camera's mean and (population) std of the training image scores,
+    checked against the levels written into the images. With them C1's +10 no longer hides the
+    defects that only the other cameras see: sample AUROC 1.0, without them below 1."""
+    train_set, test_set = noisy_dataset("train", 12, seed=1), noisy_dataset("test", 20, seed=2)
+    stats = camera_statistics(LoudFirstCamera(), train_set, "cpu", batch_size=5)
+    scores = torch.stack([item["images"][:, 0, 0, 0] for item in train_set]) + torch.tensor([10.0, 0, 0, 0, 0])
+    assert set(stats) == {"zipper"} and stats["zipper"].shape == (2, 5)
+    assert_close(stats["zipper"][0], torch.from_numpy(scores.numpy().mean(0)))
+    assert_close(stats["zipper"][1], torch.from_numpy(scores.numpy().std(0)))  # numpy: ddof 0
+    normed, _ = evaluate(LoudFirstCamera(), test_set, "cpu", view_stats=stats, num_figures=0, bins=64)
+    plain, _ = evaluate(LoudFirstCamera(), test_set, "cpu", num_figures=0, bins=64)
+    assert normed["sample"]["auroc"] == 1.0 and normed["image"]["auroc"] == 1.0
+    assert plain["sample"]["auroc"] < 0.9
+
+
+def test_top_level_metrics_are_the_mean_over_categories_not_the_pooled_value():
+    """Two categories whose normal levels differ by 3: each category's sample AUROC (sklearn on the
+    max over views of the levels written into the images) enters the top level as their mean; the
+    pooled AUROC over both is another number."""
+    from sklearn.metrics import roc_auc_score
+
+    items = noisy_dataset("test", 24, seed=3, categories=("toy", "zipper"), shift={"zipper": 3.0})
+    for item in items[1::4]:  # an imperfect detector: a defect below the normal level of some views
+        item["images"][:, 0] -= 4.5 * item["masks"][:, 0]
+    metrics, _ = evaluate(Oracle(), items, "cpu", num_figures=0, bins=64)
+    score = {i: float(item["images"][:, 0].amax()) for i, item in enumerate(items)}
+    label = {i: int(item["view_classes"].any()) for i, item in enumerate(items)}
+    per_category = {}
+    for category in ("toy", "zipper"):
+        rows = [i for i, item in enumerate(items) if item["category"] == category]
+        per_category[category] = roc_auc_score([label[i] for i in rows], [score[i] for i in rows])
+        assert metrics["per_category"][category]["sample"]["auroc"] == pytest.approx(per_category[category])
+    assert 0.5 < min(per_category.values()) < 1.0
+    assert metrics["sample"]["auroc"] == pytest.approx(np.mean(list(per_category.values())))
+    pooled = roc_auc_score(list(label.values()), list(score.values()))
+    assert abs(pooled - metrics["sample"]["auroc"]) > 0.05
+    for level, keys in LEVEL_KEYS.items():
+        for key in keys:
+            assert metrics[level][key] == pytest.approx(
+                np.mean([metrics["per_category"][c][level][key] for c in ("toy", "zipper")]), abs=1e-12)
+
+
+def test_metrics_do_not_depend_on_the_batch_size_with_dropped_views():
+    """The dropped views are drawn per sample, not per batch, and every accumulator streams: one
+    sample per batch gives the very same metrics as eight."""
+    items = noisy_dataset("test", 20, seed=4, categories=("toy", "zipper"))
+    for item in items[1::4]:  # defects barely above the normal levels: an imperfect detector
+        item["images"][:, 0] -= 4.9 * item["masks"][:, 0]
+    one, _ = evaluate(Oracle(), items, "cpu", drop_views=2, batch_size=1, num_figures=0, bins=256, seed=5)
+    eight, _ = evaluate(Oracle(), items, "cpu", drop_views=2, batch_size=8, num_figures=0, bins=256, seed=5)
+    assert one == eight
+    assert one["sample"]["auroc"] < 1.0
+
+
 def test_drop_views_mask_is_deterministic():
     mask = drop_views_mask(50, 5, 2, seed=7)
     assert mask.shape == (50, 5) and mask.dtype == torch.bool
@@ -333,7 +419,7 @@ def bad_checkpoint(kind: str, tmp_path: Path) -> Path:
     if kind == "corrupt":
         path.write_bytes(b"PK\x03\x04 this is not a whole checkpoint")
     elif kind == "unknown":
-        torch.save({"method": "patchcore", "config": {}, "model": {}}, path)
+        torch.save({"method": "padim", "config": {}, "model": {}}, path)
     elif kind == "other":  # says MVAD, holds IDIF's config and weights
         cfg = IDIFConfig(image_size=SIZE, weights="none", fusion_blocks=1)
         torch.save({"method": "mvad", "config": dataclasses.asdict(cfg), "model": IDIF(cfg).state_dict()}, path)
@@ -343,7 +429,7 @@ def bad_checkpoint(kind: str, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("kind,message", [
     ("missing", r"--checkpoint \S+missing\.pt: no such file; pass the last\.pt that train\.py wrote"),
     ("corrupt", r"--checkpoint \S+corrupt\.pt: not a readable PyTorch checkpoint \(\w+\)"),
-    ("unknown", r"--checkpoint \S+unknown\.pt: method 'patchcore' is unknown; eval\.py evaluates mvad and idif"),
+    ("unknown", r"--checkpoint \S+unknown\.pt: method 'padim' is unknown; eval\.py evaluates mvad, idif, patchcore"),
     ("other", r"--checkpoint \S+other\.pt: its config and weights do not fit a mvad model \(.+\)"),
 ])
 def test_bad_checkpoints_give_one_line_errors(kind, message, tmp_path, capsys):

@@ -196,31 +196,38 @@ def test_mvas_is_far_cheaper_than_dense_at_the_official_scale_0():
     assert dense / mvas > 100
 
 
-def test_seminar_formulas_as_printed_and_where_they_differ():
-    h = w = 64
-    c, v, a, k = 64, 4, 14, 4
-    assert seminar_flops_cross_attention(h, w, c, v) == (2 * c + 1) * v * (h * w) ** 2
-    # exact dense count: the deck's multiply-adds x 2, without the softmax term
-    assert cross_attention_flops(h, w, c, v) == 2 * (seminar_flops_cross_attention(h, w, c, v) - v * (h * w) ** 2)
-    # without padding (h, w multiples of a) the exact attention term is the deck's one-window term
-    # x a^2 windows x 2 FLOPs per multiply-add; the routing is the deck's first term, 2 v a^4 c
-    h = w = 56
-    one_window = 2 * (h * w / a ** 2) * (k * h * w / a ** 2) * c
-    assert seminar_flops_mvas(h, w, c, v, a, k) == pytest.approx(3 * v * a ** 4 * c + one_window)
-    assert mvas_flops(h, w, c, v, a, k) == pytest.approx(2 * v * a ** 4 * c + 2 * a ** 2 * one_window)
-    assert seminar_flops_mvas_bound(h, w, c, v, k) == 4 * c * math.sqrt(v * k) * h * w
+def test_seminar_formulas_against_the_counted_flops():
+    """The deck's printed costs, read against FlopCounterMode's count of our attention (2 FLOPs per
+    multiply-add): dense cross-attention is the deck's count without its softmax term; MVAS's
+    attention is the deck's term times a^2 windows (the deck's term is one window's cost); its
+    routing is 2/3 of the deck's 3 v a^4 c."""
+    h = w = 56  # a multiple of a: no padding
+    c, v, a = 64, 4, 14
+    query = torch.empty(1, h, w, c, device="meta")
+    others = torch.empty(1, v, h, w, c, device="meta")
+    softmax = v * (h * w) ** 2
+    assert counted_flops(full_cross_attention, query, others) == \
+        2 * (seminar_flops_cross_attention(h, w, c, v) - softmax)
+    counted = {k: counted_flops(mvas_attention, query, others, a, k) for k in (2, 4)}
+    printed = {k: seminar_flops_mvas(h, w, c, v, a, k) for k in (2, 4)}
+    # the attention is linear in k and the routing does not depend on it: a difference in k isolates
+    # the attention, 2 k - k isolates the routing
+    assert counted[4] - counted[2] == pytest.approx(2 * a ** 2 * (printed[4] - printed[2]), rel=1e-12)
+    assert 2 * printed[2] - printed[4] == pytest.approx(1.5 * (2 * counted[2] - counted[4]), rel=1e-12)
 
 
 def test_best_n_win_gives_the_four_thirds_power_law():
+    """The exact count `mvas_flops` (checked against FlopCounterMode above), minimised over every
+    window count a: with v = k the best a^2 = (hw)^(2/3) is a whole divisor of h when h = t^3
+    (a = t^2), so the integer minimum equals 6 c v^(1/3) k^(2/3) (hw)^(4/3); the deck's bound
+    4 c (vk)^(1/2) hw falls short by 1.5 (hw)^(1/3), a factor that grows with the image."""
     c, v, k = 64, 4, 4
-
-    def best(hw):  # min over A = a^2 (a continuous grid) of 2 v c A^2 + 4 k c (hw)^2 / A
-        A = torch.logspace(-1, 6, 200_001, dtype=torch.float64)
-        return (2 * v * c * A ** 2 + 4 * k * c * hw ** 2 / A).min().item()
-
-    for hw in (256, 4096, 65536):
-        assert best(hw) == pytest.approx(6 * c * v ** (1 / 3) * k ** (2 / 3) * hw ** (4 / 3), rel=1e-6)
-    assert best(2 * 4096) / best(4096) == pytest.approx(2 ** (4 / 3), rel=1e-6)
+    for t in (2, 3, 4):
+        h = t ** 3
+        best = min(mvas_flops(h, h, c, v, a, k) for a in range(1, h + 1))
+        assert best == mvas_flops(h, h, c, v, t * t, k)  # at a = t^2
+        assert best == pytest.approx(6 * c * v ** (1 / 3) * k ** (2 / 3) * (h * h) ** (4 / 3), rel=1e-12)
+        assert best / seminar_flops_mvas_bound(h, h, c, v, k) == pytest.approx(1.5 * (h * h) ** (1 / 3), rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -239,11 +246,17 @@ def test_sine_position_embedding_values():
 
 
 def test_drop_path():
-    x = torch.ones(1000, 3)
-    assert drop_path(x, 0.1, training=False) is x
-    out = drop_path(x, 0.5, training=True)
-    assert set(out[:, 0].tolist()) == {0.0, 2.0}
+    """p = 0.2 tells p from 1 - p: a fifth of the samples zeroed, the rest scaled by 1 / 0.8; the
+    mean stays 1 (5 sigma of the fraction is 0.02 at 10,000 samples)."""
+    x = torch.ones(10_000, 3)
+    assert drop_path(x, 0.2, training=False) is x and drop_path(x, 0.0, training=True) is x
+    torch.manual_seed(0)
+    out = drop_path(x, 0.2, training=True)
     assert (out == out[:, :1]).all()  # one draw per sample
+    values = out[:, 0]
+    assert set(values.unique().tolist()) == {0.0, 1.25}
+    assert (values == 0).float().mean().item() == pytest.approx(0.2, abs=0.02)
+    assert values.mean().item() == pytest.approx(1.0, abs=0.025)
 
 
 def test_gaussian_blur_matches_scipy():
@@ -300,6 +313,32 @@ def test_official_size_and_cost():
     mvas = sum(5 * depth * mvas_flops(s, s, c, 4, a, 4)
                for c, s, a, depth in zip((64, 128, 256), (64, 32, 16), (14, 9, 6), (1, 2, 4)))
     assert mvas / 2 / 1e9 == pytest.approx(0.76, abs=0.01)  # REFERENCE: all MVAS about 0.76 GMACs
+
+
+def test_rd_without_mvas_has_no_mvas_parameters_and_scores_each_view_alone():
+    torch.manual_seed(0)
+    full = MVAD(tiny_config())
+    torch.manual_seed(0)
+    rd = MVAD(tiny_config(mvas=False)).eval()
+    assert rd.fusion is None and not any(name.startswith("fusion") for name in rd.state_dict())
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    mvas_blocks = sum(p.numel() for p in full.fusion.parameters())
+    assert mvas_blocks > 0 and count(full) - count(rd) == mvas_blocks
+    images = torch.randn(2, 3, 3, 64, 64)
+    teacher, student = rd.features(images)
+    expected = rd.decoder(rd.bottleneck(*rd.encoder(images.flatten(0, 1))))  # encoder -> OCBE -> decoder
+    for s, e, t in zip(student, expected, teacher):
+        torch.testing.assert_close(s, e)
+        assert s.shape == t.shape
+    maps = rd.anomaly_map(images)
+    assert maps.shape == (2, 3, 64, 64) and torch.isfinite(maps).all() and (maps >= 0).all()
+    changed = images.clone()
+    changed[0, 1] = torch.randn(3, 64, 64)
+    new = rd.anomaly_map(changed)  # no MVAS: the other views of the sample do not see view 1
+    torch.testing.assert_close(new[0, [0, 2]], maps[0, [0, 2]])
+    assert (new[0, 1] - maps[0, 1]).abs().max() > 1e-4
+    rd.train()(images).backward()
+    assert all(p.grad is not None for p in rd.parameters() if p.requires_grad)
 
 
 def test_changing_one_view_changes_its_sample_only():
@@ -485,3 +524,35 @@ def test_calibration_changes_bn_statistics_and_is_deterministic():
     assert not c.needs_calibration
     with pytest.raises(UserError, match="needs at least one training batch"):
         FrozenEncoder("resnet18", "none").calibrate([])
+
+
+# ----------------------------------------------------------------------------- map and loss from fixed features
+
+
+def fixed_features(N: int, channels=(8, 16, 32), sizes=(16, 8, 4), seed: int = 0):
+    """Teacher and student features of 3 scales, (N, C_s, h_s, h_s), drawn once."""
+    g = torch.Generator().manual_seed(seed)
+    return ([torch.randn(N, c, s, s, generator=g) for c, s in zip(channels, sizes)],
+            [torch.randn(N, c, s, s, generator=g) for c, s in zip(channels, sizes)])
+
+
+def test_anomaly_map_and_loss_composed_from_the_features(monkeypatch):
+    """With features() fixed, the map is scipy's Gaussian (sigma 4) of the sum over the 3 scales of
+    the bilinearly upsampled (align_corners) 1 - cos, / 9, and the loss is 5 x the sum of the
+    per-scale MSEs: written here without mvad.py's helpers, so that a dropped scale, blur or
+    weight fails."""
+    from scipy import ndimage
+
+    model = MVAD(tiny_config()).eval()
+    B, V = 2, 3
+    teacher, student = fixed_features(B * V)
+    monkeypatch.setattr(model, "features", lambda images, view_mask=None: (teacher, student))
+    images = torch.zeros(B, V, 3, 64, 64)
+    total = torch.zeros(B * V, 64, 64, dtype=torch.float64)
+    for t, s in zip(teacher, student):
+        cos = (t * s).sum(1) / (t.norm(dim=1) * s.norm(dim=1))  # (N, h, w)
+        total += F.interpolate((1 - cos)[:, None].double(), size=(64, 64), mode="bilinear", align_corners=True)[:, 0]
+    expected = torch.stack([torch.from_numpy(ndimage.gaussian_filter(m.numpy(), sigma=4)) for m in total / 9])
+    torch.testing.assert_close(model.anomaly_map(images), expected.reshape(B, V, 64, 64).float(), rtol=0, atol=1e-5)
+    mse = sum(((t - s) ** 2).mean() for t, s in zip(teacher, student))
+    torch.testing.assert_close(model(images), 5 * mse)

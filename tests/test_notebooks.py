@@ -1,5 +1,6 @@
 """Executes every notebook top to bottom with nbclient, in quick mode, as CI does: a cell that raises fails
-the notebook's test. Also checks that the committed notebooks are valid, small and free of error outputs.
+the notebook's test, and so does an output of 01 or 05 that lacks what the notebook explains (EXPECTED).
+Also checks that the committed notebooks are valid, small and free of error outputs.
 
 Quick mode (NOTEBOOK_QUICK=1) shrinks the data, models and epochs; all five notebooks take about 90 seconds
 on a 2-core CPU. The kernel runs with one OpenMP thread unless OMP_NUM_THREADS is set: the notebooks' tensors
@@ -8,6 +9,7 @@ several milliseconds at the thread barrier (measured here: an MVAD training step
 against 0.5 s with 1).
 """
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -36,6 +38,36 @@ def test_saved_notebook_is_valid_small_and_error_free(name):
     assert not errors, f"{path.name} was saved with an error output: {errors[0].ename}"
 
 
+# What the quick-mode run of a notebook must print (regular expressions, each searched in the
+# text outputs of its code cells), beyond running without error: the facts its prose explains.
+# 01: 2 normal + 10 defective test samples at 128 px; 05: 8 training samples, 3 epochs, both methods.
+EXPECTED = {
+    "01_multiview_data": [
+        r"C1: top  camera, azimuth   270 deg, elevation  90 deg\nC2: side camera",
+        r"12 test samples; one item:\n  images       \(5, 3, 128, 128\)  \(V, 3, H, W\)",
+        r"masks        \(5, 1, 128, 128\)",
+        r"audiojack__0064_NG_HS_C1_20230912151148\.jpg +-> key audiojack__0064_NG_HS +camera C1",
+        r"consecutive groups of 5 entries that hold one sample: \d+ of 12\nviews per sample key: "
+        r"Counter\(\{5: 12\}\)",
+        r"11 complete test samples\nwarning: left out 1 test samples that lack one of the views",
+        r"defective samples by number of views that show the defect: \{0: 0, ",
+        r"corrupted     \(5, 3, 128, 128\)",
+        r"same item twice identical: True\nepoch 1 differs from epoch 0: True",
+    ],
+    "05_training": [
+        r"Calibrating the random-init encoder's BatchNorm statistics on 8 training samples",
+        r"epoch 3/3  loss \d+\.\d+",
+        r"mvad on zipper: 8 test samples, drop_views 0, view_norm True",
+        r"idif on zipper: 8 test samples, drop_views 0, view_norm True",
+        r"mvad / zipper +\d+\.\d/",
+        r"idif / zipper +\d+\.\d/",
+        r"'history\.json', 'last\.pt', 'metrics\.json', 'metrics\.md', 'roc\.png'",
+        r"views that show the defect: \[[01], [01], [01], [01], [01]\]",
+        r"(\n +[0-4] +[1-5] +\d+\.\d / \d+\.\d / \d+\.\d +\d+\.\d / \d+\.\d / \d+\.\d +9\d\.\d){5}",
+    ],
+}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_in_quick_mode(name, monkeypatch, tmp_path):
     monkeypatch.setenv("NOTEBOOK_QUICK", "1")
@@ -50,3 +82,5 @@ def test_notebook_runs_in_quick_mode(name, monkeypatch, tmp_path):
     client.execute()  # raises CellExecutionError, naming the cell, when a cell fails
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "quick mode True" in outputs  # the setup cell saw the environment variable
+    for pattern in EXPECTED.get(name, []):
+        assert re.search(pattern, outputs), f"{name}: no output matches {pattern!r}"

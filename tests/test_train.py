@@ -1,6 +1,8 @@
-"""train.py end to end on tiny configs: both methods, resume, atomic checkpoints, DDP with 2 CPU
-processes (and the GPUs' SyncBatchNorm conversion), and the one-line errors of bad input."""
+"""train.py end to end on tiny configs: both methods, the encoder's calibration, the optimiser
+recipe, resume, atomic checkpoints and a full disk, DDP with 2 CPU processes (and the GPUs'
+SyncBatchNorm conversion), and the one-line errors of bad input."""
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -21,7 +23,8 @@ from mvad import FrozenEncoder
 ROOT = Path(__file__).resolve().parents[1]
 # Small models: MVAS with few windows, a small voxel; 64x64 images, 4 + 2 + 2 synthetic samples.
 TINY_MODEL = {"mvad": {"n_win": (2, 2, 2), "blocks": (1, 1, 1)},
-              "idif": {"voxel_size": (2, 4, 4), "fusion_blocks": 1}}
+              "idif": {"voxel_size": (2, 4, 4), "fusion_blocks": 1},
+              "patchcore": {"backbone": "resnet18", "width": 64}}
 
 
 @pytest.fixture(scope="module")
@@ -53,42 +56,101 @@ def test_tiny_run_trains_checkpoints_and_evaluates(method, synthetic, tmp_path):
     assert set(json.loads((tmp_path / "metrics.json").read_text())) >= {"sample", "image", "pixel"}
     history = json.loads((tmp_path / "history.json").read_text())
     assert len(history) == 1 and history[0]["loss"] > 0
+    parts = {"distill", "ib", "kl", "sigma"} if method == "idif" else set()  # IDIF logs its loss parts
+    assert parts <= set(history[0]) and all(history[0][p] > 0 for p in parts)
     assert (tmp_path / "roc.png").is_file() and list(tmp_path.glob("example_*.png"))
+    # without ImageNet weights the frozen encoder (MVAD) or teacher (IDIF) was calibrated before
+    # training, saved so, and eval.load_model rebuilds it calibrated
+    prefix = "encoder." if method == "mvad" else "teacher."
+    assert state["random_encoder"] and bool(state["model"][prefix + "bn_ready"])
+    mean, var = state["model"][prefix + "bn1.running_mean"], state["model"][prefix + "bn1.running_var"]
+    assert mean.abs().min() > 1e-6 and (var - 1).abs().min() > 1e-6  # no channel left at 0 / 1
+    model, _ = load_model(str(tmp_path / "last.pt"))
+    encoder = model.encoder if method == "mvad" else model.teacher
+    assert not encoder.needs_calibration
+    assert torch.equal(encoder.bn1.running_var, var)
+    assert torch.equal(encoder.layer3[1].bn2.running_mean, state["model"][prefix + "layer3.1.bn2.running_mean"])
+    assert "random-init encoder calibrated on the training images" in (tmp_path / "metrics.md").read_text()
+
+
+def test_patchcore_fits_a_memory_bank_without_epochs_and_resumes_without_refitting(synthetic, tmp_path,
+                                                                                   capsys, monkeypatch):
+    metrics = train.main(tiny("patchcore", synthetic, tmp_path))
+    printed = capsys.readouterr().out
+    assert "training-free" in printed and "memory bank: 125 of 1280 training patches in 5 bank(s)" in printed
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["method"] == "patchcore" and "optimizer" not in state
+    assert state["model"]["memory_bank"].shape == (5, 25, 64)  # per camera: 10% of 4 samples x 8 x 8 patches
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history[0]["bank_size"] == 125 and history[0]["seconds"] > 0
+    assert 0.0 <= metrics["sample"]["auroc"] <= 1.0 and 0.0 <= metrics["pixel"]["aupro"] <= 1.0
+    assert (tmp_path / "metrics.md").is_file() and (tmp_path / "roc.png").is_file()
+
+    def no_refit(*args, **kwargs):
+        raise AssertionError("--resume refitted the memory bank")
+
+    monkeypatch.setattr("patchcore.PatchCore.fit", no_refit)
+    again = train.main(dataclasses.replace(tiny("patchcore", synthetic, tmp_path), resume=True))
+    assert again["sample"] == metrics["sample"] and again["pixel"] == metrics["pixel"]
+    parsed = train.parse_args(["--method", "patchcore", "--set", "per_camera=false", "--set", "coreset_fraction=0.01"])
+    assert parsed.model == {"per_camera": False, "coreset_fraction": 0.01}
 
 
 class Interrupted(Exception):
     pass
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(synthetic, tmp_path, monkeypatch):
-    straight = tiny("idif", synthetic, tmp_path / "straight", epochs=2, evaluate=False)
-    train.main(straight)
-
-    # The same run, killed right after the first epoch's checkpoint, then resumed.
-    broken = dataclasses.replace(straight, out=str(tmp_path / "broken"))
-    save = train.save_atomically
-
-    def save_then_die(state, path):
-        save(state, path)
-        raise Interrupted
-
-    monkeypatch.setattr(train, "save_atomically", save_then_die)
-    with pytest.raises(Interrupted):
-        train.main(broken)
-    monkeypatch.setattr(train, "save_atomically", save)
-    assert torch.load(tmp_path / "broken" / "last.pt", weights_only=True)["epoch"] == 1
-    train.main(dataclasses.replace(broken, resume=True))
-
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "broken" / "last.pt", weights_only=True)
-    assert b["epoch"] == 2
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two checkpoints hold bit-identical weights, optimizer moments and losses."""
     assert a["model"].keys() == b["model"].keys()
     for name in a["model"]:
         torch.testing.assert_close(a["model"][name], b["model"][name], rtol=0, atol=0, msg=name)
-    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    moments_a, moments_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert moments_a.keys() == moments_b.keys()
+    for index in moments_a:
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(moments_a[index][key], moments_b[index][key], rtol=0, atol=0)
+    assert a["scheduler"] == b["scheduler"]
+    assert [(h["loss"], h["lr"]) for h in a["history"]] == [(h["loss"], h["lr"]) for h in b["history"]]
 
 
-def test_a_crash_while_saving_keeps_the_previous_checkpoint(synthetic, tmp_path, monkeypatch):
+# One method per worker setting, to keep the suite short: IDIF (whose pseudo-anomalies are drawn in
+# the workers) killed after its first epoch and resumed with 2 workers; MVAD finished after one
+# epoch and extended with --epochs 2. Both against the same run done in one go with 0 workers.
+# (Both schedules decay at epoch 1 (80% of 1 or 2 epochs): a run extended past its decay keeps the
+# stored milestone, so it cannot equal a longer run in general.)
+@pytest.mark.parametrize("method, workers, how", [("idif", 2, "killed"), ("mvad", 0, "extended")])
+def test_resume_equals_an_uninterrupted_run(method, workers, how, synthetic, tmp_path, monkeypatch, capsys):
+    straight = tiny(method, synthetic, tmp_path / "straight", epochs=2, evaluate=False)
+    train.main(straight)
+    resumed = dataclasses.replace(straight, out=str(tmp_path / "resumed"), workers=workers)
+    if how == "killed":
+        save = train.save_atomically
+
+        def save_then_die(state, path):
+            save(state, path)
+            raise Interrupted
+
+        monkeypatch.setattr(train, "save_atomically", save_then_die)
+        with pytest.raises(Interrupted):
+            train.main(resumed)
+        monkeypatch.setattr(train, "save_atomically", save)
+    else:
+        train.main(dataclasses.replace(resumed, epochs=1))  # a finished run of one epoch
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["epoch"] == 1
+    capsys.readouterr()
+    train.main(dataclasses.replace(resumed, resume=True, epochs=2 if how == "extended" else None))
+    assert f"Resuming {tmp_path / 'resumed' / 'last.pt'} after epoch 1 of 2" in capsys.readouterr().out
+
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert b["epoch"] == 2 and b["train"]["epochs"] == 2
+    assert_same_state(a, b)
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(synthetic, tmp_path, monkeypatch, capsys):
+    """A save killed halfway leaves its temporary file behind and last.pt as it was; the next run
+    says which epoch it found there and finishes the run, replacing the leftover."""
     cfg = tiny("mvad", synthetic, tmp_path, epochs=2, evaluate=False)
     real_save = torch.save
     calls = []
@@ -105,6 +167,81 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(synthetic, tmp_path,
         train.main(cfg)
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+    assert (tmp_path / "last.pt.tmp").read_bytes() == b"PK\x03\x04 half a checkpoint"
+    capsys.readouterr()
+    train.main(dataclasses.replace(cfg, resume=True))
+    assert f"Resuming {tmp_path / 'last.pt'} after epoch 1 of 2" in capsys.readouterr().out
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
+    assert not (tmp_path / "last.pt.tmp").exists()
+
+
+def test_a_full_disk_gives_one_line_naming_the_folder(synthetic, tmp_path, monkeypatch):
+    (tmp_path / "last.pt").write_bytes(b"the previous checkpoint")
+
+    def no_space(obj, f):
+        f.write(b"a few bytes")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(data.UserError) as error:
+        train.main(tiny("mvad", synthetic, tmp_path, evaluate=False))
+    assert str(error.value) == (f"{tmp_path}: cannot save last.pt (No space left on device); free space there "
+                                "or choose another --out")
+    assert (tmp_path / "last.pt").read_bytes() == b"the previous checkpoint"
+    assert not (tmp_path / "last.pt.tmp").exists()
+
+
+def test_the_optimiser_recipe(synthetic, tmp_path, monkeypatch):
+    """MVAD's official recipe, read back from a 5-epoch run: AdamW with weight decay on conv and
+    linear weights only (not on biases and norms), lr = 0.005 x images per step / 16 (2 samples of
+    5 views: 0.003125), x0.1 for the last 20% of the epochs; history.json logs the rate each epoch
+    trained with."""
+    used, trained = [], []
+    step = train.train_step
+
+    def spy(net, optimizer, batch, *args):
+        used.extend(group["lr"] for group in optimizer.param_groups)
+        trained.append((net, optimizer))
+        return step(net, optimizer, batch, *args)
+
+    monkeypatch.setattr(train, "train_step", spy)
+    train.main(tiny("mvad", synthetic, tmp_path, epochs=5, evaluate=False))
+    base = 0.005 * 2 * 5 / 16
+    assert used == pytest.approx([base] * 16 + [base * 0.1] * 4)  # 2 steps per epoch, 2 groups
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["lr"] for h in history] == pytest.approx([base] * 4 + [base * 0.1])
+
+    model, optimizer = trained[0]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-4, 0.0]
+    decayed, plain = ({id(p) for p in g["params"]} for g in optimizer.param_groups)
+    norms = (torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.GroupNorm)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert decayed | plain == trainable and not decayed & plain
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:  # the frozen encoder
+                continue
+            if name == "bias" or isinstance(module, norms):
+                assert id(p) in plain, (type(module).__name__, name)
+            elif isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                assert id(p) in decayed, (type(module).__name__, name)
+
+
+def test_gradients_are_clipped_at_norm_5(synthetic, tmp_path):
+    cfg = train.resolve(tiny("mvad", synthetic, tmp_path))
+    _, model, optimizer = train.build_model(cfg, 5, torch.device("cpu"))
+    images = torch.randn(2, 5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def grad_norm():
+        return torch.stack([p.grad.double().norm() for p in model.parameters() if p.grad is not None]).norm().item()
+
+    torch.manual_seed(0)
+    model(images).backward()
+    raw = grad_norm()
+    assert raw > 10  # clipping has something to do
+    torch.manual_seed(0)
+    train.train_step(model, optimizer, {"images": images}, "mvad", torch.device("cpu"))
+    assert grad_norm() == pytest.approx(5.0, rel=1e-4)  # the gradients the step used
 
 
 def test_the_last_partial_batch_is_dropped(synthetic, tmp_path, monkeypatch, capsys):
@@ -168,7 +305,7 @@ def run_cli(*args, cwd=ROOT, env=None, timeout=120):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "patchcore"], "invalid choice: 'patchcore'"),
+    (["--method", "padim"], "invalid choice: 'padim'"),
     (["--category", "spoon", "--data-root", "{synthetic}"], "unknown category 'spoon'"),
     (["--data-root", "{tmp}/nowhere"], "--data-root {tmp}/nowhere: no such folder"),
     (["--data-root", "{synthetic}", "--out", "/proc/forbidden"], "--out /proc/forbidden: cannot write"),
