@@ -5,6 +5,7 @@ Prints a table in the papers' format and writes metrics.json, metrics.md and pic
 
     python eval.py --checkpoint runs/idif_zipper/last.pt
     python eval.py --checkpoint runs/mvad_all/last.pt --data-root /data/Real-IAD --drop-views 2
+    torchrun --nproc_per_node=4 eval.py --checkpoint runs/mvad_all/last.pt --data-root /data/Real-IAD
     python eval.py --checkpoint runs/idif_zipper/last.pt --export-adeval runs/idif_zipper/adeval.pkl
     python eval.py predict --run runs/idif_zipper --images my_photos/ --out predictions/
 
@@ -26,6 +27,12 @@ results stay within a bound that it computes itself (1e-4 or less on anomaly map
 docstring; written to metrics.json as "pixel_error_bound") of the exact values. The official code
 keeps every map in float64 (about 120 GB on Real-IAD).
 
+Several processes (torchrun, or train.py's DDP run): each evaluates every N-th test sample (`shard`)
+and rank 0 merges what they collected (`merge_shards`): the image scores and labels, put back in
+sample order, give the same sample and image metrics as one process; the pixel histograms merge
+exactly (`PixelMetrics.merge`), AU-PRO's region statistics with them; the --view-norm statistics
+and the --drop-views draw are the same in every process. Rank 0 alone writes the reports.
+
 Real-IAD's own scorer, ADEval (PyPI `adeval`), bins its curves (1,000 strips) and labels samples
 by their masks; `--export-adeval FILE` writes its input for the test split and the command that
 scores it (metrics.md), so both can be put side by side (README, "Comparing with the papers").
@@ -44,7 +51,9 @@ Choices where the papers are silent:
 
 Shape legend: N maps, B samples, V views, H/W map size, S samples in a dataset.
 """
+import copy
 import ctypes
+import dataclasses
 import json
 import math
 import os
@@ -58,10 +67,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from matplotlib.figure import Figure  # figures drawn straight to files: no pyplot, no backend state
 from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
@@ -281,7 +291,9 @@ class PixelMetrics:
     are powers of two, so the new grid's edges are old edges and the merge is exact: the histograms
     always equal those of one pass over all the scores on the finest power-of-two grid that holds
     their whole range, whose bin width is below 2 (max - min) / (bins - 1). (Bin widths never go
-    below max|score| * 2^-52, which keeps bin indices exact integers in float64.)
+    below max|score| * 2^-52, which keeps bin indices exact integers in float64.) For the same
+    reason `merge` adds another accumulator's counts exactly: the processes of a distributed
+    evaluation each fill one with their share of the maps, and rank 0 merges them.
 
     The error bound (`error_bound()`): every histogram threshold (a bin's lower edge) is a point
     of the exact curve. Between two consecutive ones the exact curve is monotone, so it stays in
@@ -357,6 +369,30 @@ class PixelMetrics:
         self.regions += len(sizes) - 1
         np.minimum.at(self.smallest, index.ravel(), maps.ravel())
         np.maximum.at(self.largest, index.ravel(), maps.ravel())
+
+    def merge(self, other: "PixelMetrics") -> None:
+        """Adds the pixels another accumulator has seen (another process's share of the test split).
+
+        Exact: the grid depends only on the smallest and largest score seen (the finest power-of-two
+        grid that holds them), so once both cover the joint range they share one grid and their
+        counts add up to those of one accumulator fed both shares. Only the float sums of `overlap`
+        may differ in their last bits (the order of the additions).
+        """
+        if (other.bins, other.fpr_limit) != (self.bins, self.fpr_limit):
+            raise ValueError(f"cannot merge PixelMetrics with {other.bins} bins and fpr_limit {other.fpr_limit} "
+                             f"into one with {self.bins} and {self.fpr_limit}")
+        if other.exponent is None:  # it has seen no pixel
+            return
+        other = copy.deepcopy(other)
+        self._cover(other.low, other.high)
+        other._cover(self.low, self.high)
+        assert (self.exponent, self.offset) == (other.exponent, other.offset)
+        self.normal += other.normal
+        self.anomalous += other.anomalous
+        self.overlap += other.overlap
+        np.minimum(self.smallest, other.smallest, out=self.smallest)
+        np.maximum(self.largest, other.largest, out=self.largest)
+        self.regions += other.regions
 
     def _curves(self):
         """Cumulative counts at each threshold, from the top bin down (each (bins + 1,))."""
@@ -486,23 +522,64 @@ def drop_views_mask(num_samples: int, num_views: int, k: int, seed: int) -> torc
 
 def camera_statistics(model, dataset, device, batch_size: int = 8, workers: int = 0) -> dict:
     """Mean and std of each camera's image scores on the (normal) training split, per category,
-    for --view-norm: score -> (score - mean) / std before the max over views.
+    for --view-norm: score -> (score - mean) / std before the max over views. With several
+    processes each scores its shard of the split and every process receives all the scores, in
+    sample order, so every process holds the statistics that one process would compute.
 
     Returns:
         {category: (2, V) tensor, row 0 the means, row 1 the stds}.
     """
-    scores = defaultdict(list)
+    rank, world = process_group()
+    indices = shard(len(dataset), rank, world)
+    categories, rows = [], []
     with torch.inference_mode():
-        for batch in tqdm(DataLoader(dataset, batch_size=batch_size, num_workers=workers),
-                          desc="camera statistics", leave=False):
-            batch_scores = image_scores(model.anomaly_map(batch["images"].to(device))).float().cpu()  # (B, V)
-            for category, row in zip(batch["category"], batch_scores):
-                scores[category].append(row)
+        for batch in tqdm(DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers),
+                          desc="camera statistics", leave=False, disable=rank != 0):
+            rows += image_scores(model.anomaly_map(batch["images"].to(device))).float().tolist()  # B x V scores
+            categories += batch["category"]
+    scores = defaultdict(dict)  # category -> {sample index: V image scores}
+    for part in gather(list(zip(indices, categories, rows)), everywhere=True):
+        for index, category, row in part:
+            scores[category][index] = row
     stats = {}
-    for category, rows in scores.items():
-        rows = torch.stack(rows)  # (S, V)
+    for category, by_index in scores.items():
+        rows = torch.tensor([by_index[i] for i in sorted(by_index)])  # (S, V) in sample order
         stats[category] = torch.stack([rows.mean(0), rows.std(0, correction=0).clamp_min(1e-12)])  # (2, V)
     return stats
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, number of processes) of the torch.distributed group this process has joined (under
+    torchrun: eval.py's command line or train.py); (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(num_samples: int, rank: int, world: int) -> list[int]:
+    """The indices of the samples that process `rank` of `world` evaluates: every world-th from
+    `rank` on. Strided, as the official code's DistributedSampler(shuffle=False) (lewandofskee/MVAD
+    data/__init__.py), but without its padding, which repeats samples to even out the shards. Each
+    shard holds every category in about equal parts, so the processes go through the categories
+    together. The order of the samples does not matter for any metric: the merge sorts them back."""
+    return list(range(rank, num_samples, world))
+
+
+def gather(part, everywhere: bool = False) -> list | None:
+    """Every process's `part` (any picklable object; tensors on the CPU) as a list in rank order:
+    on rank 0 only (None on the others), or on every process with `everywhere`. One process: [part]."""
+    rank, world = process_group()
+    if world == 1:
+        return [part]
+    parts = [None] * world
+    if everywhere:
+        dist.all_gather_object(parts, part)
+        return parts
+    dist.gather_object(part, parts if rank == 0 else None, dst=0)
+    return parts if rank == 0 else None
 
 
 # ----------------------------------------------------------------------------- the evaluation loop
@@ -534,37 +611,46 @@ def evaluate(model, dataset, device, drop_views: int = 0, batch_size: int = 8, w
              export: "ADEvalExport | None" = None):
     """Streams the test split through the model once and computes every metric.
 
+    With several processes (a torch.distributed group: torchrun, or train.py's DDP) each process
+    streams its shard of the split (`shard`), and rank 0 gathers the shards and merges them into
+    what one process would have computed (`merge_shards`): the same metrics, pictures and export.
+
     Args:
         model: a model of METHODS in eval mode, on `device`.
         dataset: RealIAD-like test split (items: images (V, 3, H, W), masks (V, 1, H, W),
             view_classes (V,), sample_id, category; with `export` also paths and mask_paths).
         drop_views: views removed per sample (through the model's view_mask), 0 <= k < V.
-        batch_size: samples per forward; workers: DataLoader processes.
-        seed: seed of the dropped-view draw.
+        batch_size: samples per forward (per process); workers: DataLoader processes.
+        seed: seed of the dropped-view draw (one draw for the whole split, whatever the processes).
         view_stats: camera_statistics(...) to z-score the image scores per camera, or None.
         num_figures: samples (defective first) whose views, maps and masks are kept for pictures.
         bins: PixelMetrics histogram bins.
-        export: an ADEvalExport that receives every batch's maps and scores, or None.
+        export: an ADEvalExport that receives every batch's maps and scores and writes its last
+            files at the end, or None.
     Returns:
         metrics: {"sample", "image", "pixel"} (the mean over categories), "pixel_error_bound",
             and "per_category" when the split holds several categories.
         collected: {"levels": {category: {"sample": (scores, labels), "image": (scores, labels),
             "pixel_roc": (fpr, tpr)}}, "decision": {category: {"sample_threshold",
             "image_threshold", "map_range"}}, "examples": [dict per kept sample]}.
+        Both None on every process but rank 0.
     """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+    rank, world = process_group()
+    indices = shard(len(dataset), rank, world)
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=torch.device(device).type == "cuda")
     pixels = defaultdict(lambda: PixelMetrics(bins))  # one accumulator per category
-    gathered = defaultdict(lambda: defaultdict(list))  # category -> scores, labels, classes, present: [(n, V)]
+    gathered = defaultdict(lambda: defaultdict(list))  # category -> index (n,); scores, labels, classes, present (n, V)
     defective, normal = [], []  # the first samples of each kind, for the pictures
-    view_masks, start = None, 0  # which views every sample keeps; index of the batch's first sample
+    view_masks, start = None, 0  # which views every sample keeps; place of the batch in the shard
     with torch.inference_mode():
-        for batch in tqdm(loader, desc="evaluating", leave=False):
+        for batch in tqdm(loader, desc="evaluating", leave=False, disable=rank != 0):
             images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, H, W)
             B, V = images.shape[:2]
-            if view_masks is None:  # V is known from the first batch on
+            if view_masks is None:  # V is known from the first batch on; one draw for the whole split
                 view_masks = drop_views_mask(len(dataset), V, drop_views, seed)  # (S, V)
-            view_mask = view_masks[start:start + B]  # (B, V)
+            index = torch.tensor(indices[start:start + B])  # (B,) the samples' places in the split
+            view_mask = view_masks[index]  # (B, V)
             start += B
             maps = model.anomaly_map(images, view_mask.to(device) if drop_views else None)
             maps = maps.float().cpu()  # (B, V, H, W)
@@ -580,8 +666,8 @@ def evaluate(model, dataset, device, drop_views: int = 0, batch_size: int = 8, w
             for category in set(batch["category"]):
                 rows = torch.tensor([c == category for c in batch["category"]])  # (B,)
                 pixels[category].update(maps[rows][view_mask[rows]], masks[rows][view_mask[rows]])  # (n, H, W)
-                for name, value in (("scores", batch_scores), ("labels", batch_labels), ("classes", classes),
-                                    ("present", view_mask)):
+                for name, value in (("index", index), ("scores", batch_scores), ("labels", batch_labels),
+                                    ("classes", classes), ("present", view_mask)):
                     gathered[category][name].append(value[rows])
             if export is not None:
                 export.add(batch, maps, batch_scores, view_mask)
@@ -589,10 +675,49 @@ def evaluate(model, dataset, device, drop_views: int = 0, batch_size: int = 8, w
             for i in range(B):
                 kept = defective if is_defective[i] else normal
                 if len(kept) < num_figures:
-                    kept.append(example(batch, i, images[i], maps[i], masks[i], view_mask[i],
-                                        batch_scores[i], is_defective[i]))
-    metrics, levels, decision = summarise(pixels, gathered)
-    return metrics, {"levels": levels, "decision": decision, "examples": (defective + normal)[:num_figures]}
+                    kept.append({**example(batch, i, images[i], maps[i], masks[i], view_mask[i], batch_scores[i],
+                                           is_defective[i]), "index": int(index[i])})
+    if export is not None:
+        export.flush()  # the categories left, in every process before the gather below (same order)
+    shards = gather({"pixels": dict(pixels), "examples": defective + normal,
+                     "rows": {c: {k: torch.cat(v) for k, v in columns.items()} for c, columns in gathered.items()}})
+    if shards is None:
+        return None, None
+    pixels, rows, examples = merge_shards(shards, num_figures)
+    metrics, levels, decision = summarise(pixels, rows)
+    return metrics, {"levels": levels, "decision": decision, "examples": examples}
+
+
+def merge_shards(shards: list[dict], num_figures: int) -> tuple[dict, dict, list]:
+    """The processes' shards of an evaluation, merged into what one process would have collected.
+
+    Args:
+        shards: per process {"pixels": {category: PixelMetrics}, "rows": {category: {"index": (n,)
+            places in the split, "scores", "labels", "classes", "present": (n, V)}}, "examples":
+            [example dicts with their "index"]}.
+        num_figures: pictures to keep.
+    Returns:
+        pixels: {category: PixelMetrics}, merged (exact, PixelMetrics.merge).
+        rows: {category: {"scores", "labels", "classes", "present": (S_c, V)}}, in sample order.
+        examples: the first `num_figures` defective samples in split order, then the first normal ones.
+    """
+    pixels, columns = {}, defaultdict(lambda: defaultdict(list))
+    for part in shards:
+        for category, accumulator in part["pixels"].items():
+            if category in pixels:
+                pixels[category].merge(accumulator)
+            else:
+                pixels[category] = accumulator
+        for category, values in part["rows"].items():
+            for name, value in values.items():
+                columns[category][name].append(value)
+    rows = {}
+    for category, values in columns.items():
+        order = torch.cat(values.pop("index")).argsort()  # (S_c,) back into the split's order
+        rows[category] = {name: torch.cat(parts)[order] for name, parts in values.items()}
+    examples = sorted((ex for part in shards for ex in part["examples"]), key=lambda ex: ex["index"])
+    defective, normal = [ex for ex in examples if ex["label"]], [ex for ex in examples if not ex["label"]]
+    return pixels, rows, (defective[:num_figures] + normal[:num_figures])[:num_figures]
 
 
 def summarise(pixels: dict, gathered: dict) -> tuple[dict, dict, dict]:
@@ -600,13 +725,13 @@ def summarise(pixels: dict, gathered: dict) -> tuple[dict, dict, dict]:
 
     Args:
         pixels: {category: PixelMetrics}. gathered: {category: {"scores", "labels", "classes",
-            "present": list of (n, V) tensors}} (image scores, image labels, JSON classes, views kept).
+            "present": (S_c, V) tensors}} (image scores, image labels, JSON classes, views kept).
     Returns:
         (metrics, levels, decision) as in evaluate().
     """
     per_category, bounds, levels, decision = {}, {}, {}, {}
     for category in sorted(pixels):
-        s, y, c, m = (torch.cat(gathered[category][k]) for k in ("scores", "labels", "classes", "present"))
+        s, y, c, m = (gathered[category][k] for k in ("scores", "labels", "classes", "present"))
         sample, image = (sample_scores(s, m), sample_labels(c, m)), (s[m], y[m])
         f1_ader, f1_ader_bound = pixels[category].f1_max_ader()
         levels[category] = {"sample": sample, "image": image, "pixel_roc": pixels[category].roc_curve()}
@@ -664,25 +789,31 @@ def framed(anomaly_map: np.ndarray, image_path: str) -> np.ndarray:
 class ADEvalExport:
     """Writes what Real-IAD's official scorer ADEval reads: a pickle of {image path: (anomaly map
     (H, W) float32, image score, mask path or None)} with the present views of the test split, one
-    file per category (Real-IAD's README scores one file per object). The test split is ordered by
-    category, so each category's file is written when the next one starts: memory holds one
-    category's maps (Real-IAD at 256 px: about 1 GB)."""
+    file per category (Real-IAD's README scores one file per object), its entries in path order.
+    The test split is ordered by category, so each category's file is written when the next one
+    starts: memory holds one category's maps (Real-IAD at 256 px: about 1 GB). With several
+    processes every process goes through all the categories in order, and rank 0 gathers each
+    category's entries from all of them and alone writes its file.
+    """
 
     def __init__(self, path: Path, categories: list[str]):
         """
         Args:
             path: the file for a single category; with several, `<stem>_<category><suffix>` beside it.
-            categories: the categories of the split.
+            categories: the categories of the split, in its order.
         """
         self.path, self.several = Path(path), len(categories) > 1
-        self.category, self.entries, self.written = None, {}, []
+        self.waiting = list(categories)  # categories not written yet; the entries are the first one's
+        self.entries, self.written = {}, []
 
     def add(self, batch: dict, maps: torch.Tensor, scores: torch.Tensor, view_mask: torch.Tensor) -> None:
         """One batch: maps (B, V, H, W), image scores (B, V) as evaluated, view_mask (B, V)."""
         for i, category in enumerate(batch["category"]):
-            if category != self.category:
-                self.flush()
-                self.category = category
+            if category not in self.waiting:
+                raise ValueError(f"ADEvalExport: {category!r} met again after other categories or unknown; "
+                                 "the split must be ordered by category")
+            while self.waiting[0] != category:
+                self._write(self.waiting.pop(0))
             for v in torch.nonzero(view_mask[i]).flatten().tolist():
                 image, mask = batch["paths"][v][i], batch["mask_paths"][v][i]
                 entry = (framed(maps[i, v].numpy(), image), float(scores[i, v]),
@@ -690,18 +821,27 @@ class ADEvalExport:
                 self.entries[str(Path(image).resolve())] = entry
 
     def flush(self) -> None:
-        """Writes the current category's file (atomically) and empties the buffer."""
-        if not self.entries:
+        """Writes the categories not written yet (after the last batch; on every process)."""
+        while self.waiting:
+            self._write(self.waiting.pop(0))
+
+    def _write(self, category: str) -> None:
+        """Writes one category's file (atomically) from the entries of every process, and empties them."""
+        shards = gather(self.entries)
+        self.entries = {}
+        if shards is None:  # not rank 0
+            return
+        entries = dict(sorted((entry for part in shards for entry in part.items()), key=lambda entry: entry[0]))
+        if not entries:
             return
         path = self.path
         if self.several:
-            path = path.with_name(f"{path.stem}_{self.category}{path.suffix}")
+            path = path.with_name(f"{path.stem}_{category}{path.suffix}")
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
-            pickle.dump(self.entries, f, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(entries, f, protocol=pickle.HIGHEST_PROTOCOL)
         tmp.replace(path)
         self.written.append(path)
-        self.entries = {}
 
 
 # ----------------------------------------------------------------------------- reports and pictures
@@ -1124,7 +1264,10 @@ def resolve_device(flag: str | None) -> torch.device:
 
 def main(cfg: EvalConfig) -> dict:
     """Evaluates a checkpoint on its test split; writes metrics.json, metrics.md, PNGs; prints the
-    table; returns the metrics dict (as written to metrics.json, with NaN for undefined metrics)."""
+    table; returns the metrics dict (as written to metrics.json, with NaN for undefined metrics).
+    In a torch.distributed group (torchrun, train.py) every process evaluates its shard of the
+    split (`evaluate`) and reads the checkpoint itself; rank 0 alone writes and returns the
+    metrics, the others return {}."""
     if cfg.batch_size < 1 or cfg.bins < 2 or cfg.num_figures < 0:
         raise data.UserError(f"--batch-size {cfg.batch_size}, --bins {cfg.bins}, --num-figures "
                              f"{cfg.num_figures}: need at least 1, 2 and 0")
@@ -1166,6 +1309,8 @@ def main(cfg: EvalConfig) -> dict:
                                   batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
                                   view_stats=view_stats, num_figures=cfg.num_figures, bins=cfg.bins,
                                   export=export)
+    if metrics is None:  # not rank 0, which reports for every process
+        return {}
     metrics["settings"] = {
         "checkpoint": str(cfg.checkpoint), "method": checkpoint["method"], "epoch": checkpoint.get("epoch"),
         "data_root": str(root), "categories": sorted(collected["levels"]), "image_size": image_size,
@@ -1177,7 +1322,6 @@ def main(cfg: EvalConfig) -> dict:
                           for c, decision in collected["decision"].items()}  # what `eval.py predict` applies
     notes = [protocol_note(checkpoint, root, cfg.view_norm)]
     if export is not None:
-        export.flush()
         commands = [shlex.join(adeval_argv(path, V - cfg.drop_views, image_size)) for path in export.written]
         notes.append("ADEval, Real-IAD's scorer, on the exported maps (one file per category):\n"
                      + "\n".join(f"    {command}" for command in commands))
@@ -1253,13 +1397,31 @@ def parse_predict_args(argv=None) -> PredictConfig:
     return PredictConfig(**vars(p.parse_args(argv)))
 
 
+def main_in_torchrun(cfg: EvalConfig) -> dict:
+    """main(cfg); under torchrun (RANK set) inside a process group of its processes, gloo on CPUs
+    and nccl on GPUs, each process on the GPU of its LOCAL_RANK, so that they share the test split:
+    `torchrun --nproc_per_node=N eval.py --checkpoint ...`."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return main(cfg)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return main(dataclasses.replace(cfg, device=str(device)))
+    finally:
+        dist.destroy_process_group()
+
+
 def cli(argv=None) -> int:
     """The command line (`eval.py ...` evaluates, `eval.py predict ...` applies a run to new images):
     bad input ends in one line `error: ...` on stderr and exit status 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["predict"]:
         return data.run_cli(lambda args: predict(parse_predict_args(args)), argv[1:])
-    return data.run_cli(lambda args: main(parse_args(args)), argv)
+    return data.run_cli(lambda args: main_in_torchrun(parse_args(args)), argv)
 
 
 if __name__ == "__main__":

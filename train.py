@@ -24,8 +24,11 @@ README's "What to expect"). Every default can be overridden by its flag.
 Reproducibility: the model is initialised from --seed, and the sampler order, the pseudo-anomalies
 and every random draw inside the model (dropout, DropPath, view dropout, the bottleneck's noise) are
 seeded from (seed, epoch, rank), so a resumed run ends in the same state as an uninterrupted one.
-Multi-GPU: under torchrun every process trains on its share of each batch through PyTorch's
-DistributedDataParallel (nccl on GPUs, gloo on CPUs); rank 0 alone logs, checkpoints and evaluates.
+Multi-GPU: under torchrun every process trains on its share of each batch (--batch-size is the
+global batch, as the official code's 8 samples, split evenly over the processes) through PyTorch's
+DistributedDataParallel (nccl on GPUs, gloo on CPUs), with the trainable BatchNorm layers
+synchronised on GPUs (`data_parallel`); rank 0 alone logs and checkpoints, and every process
+evaluates its shard of the test split (eval.py). Several machines: README, "Several GPUs and machines".
 """
 import argparse
 import dataclasses
@@ -282,6 +285,52 @@ def calibrate_frozen_encoders(model: torch.nn.Module, dataset, device, log) -> N
         encoder.calibrate(batch["images"].flatten(0, 1).to(device) for batch in loader)
 
 
+def synchronise_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Turns the trainable BatchNorm layers into SyncBatchNorm, which normalises over the global
+    batch of all processes, as the official code does under DDP (`sync_BN` in lewandofskee/MVAD
+    configs/__base__/cfg_common.py; it converts the whole model, but a frozen encoder, always in
+    eval mode, uses its running statistics and has nothing to synchronise: its layers stay). The
+    parameters and buffers are the same tensors under the same names, so the optimizer keeps them
+    and a checkpoint loads into the plain model. Works in place; returns `module`."""
+    if isinstance(module, FrozenEncoder):
+        return module
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        setattr(module, name, synchronise_batchnorm(child))
+    return module
+
+
+def trainable_batchnorms(model: torch.nn.Module) -> list:
+    """The BatchNorm layers of `model` outside its frozen encoders."""
+    frozen = {id(m) for encoder in model.modules() if isinstance(encoder, FrozenEncoder) for m in encoder.modules()}
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and id(m) not in frozen]
+
+
+def share_batchnorm_statistics(model: torch.nn.Module) -> None:
+    """Copies rank 0's running statistics of the trainable BatchNorm layers to the other processes
+    (the official code's alternative to SyncBatchNorm, `dist_BN = "broadcast"`), so that every
+    process ends the epoch with the same model. DDP already copies them before every step; without
+    SyncBatchNorm the last step of the epoch leaves each process with its own share's update."""
+    for layer in trainable_batchnorms(model):
+        for statistic in layer.buffers():  # running mean, variance, number of batches
+            dist.broadcast(statistic, src=0)
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device, world: int, log) -> DistributedDataParallel:
+    """The model under DDP: on GPUs with its trainable BatchNorm layers synchronised; on CPUs
+    (SyncBatchNorm runs on GPUs only) each process's layers see its share of the batch, said in one
+    line, and `share_batchnorm_statistics` runs after every epoch."""
+    if device.type == "cuda":
+        log(f"SyncBatchNorm: the trainable BatchNorm layers normalise over the global batch of the {world} "
+            "processes, as the official code; the frozen encoders stay as they are")
+        return DistributedDataParallel(synchronise_batchnorm(model))
+    log(f"CPU processes: no SyncBatchNorm (it needs GPUs), so each trainable BatchNorm normalises its process's "
+        f"share of the batch, 1/{world} of it, and keeps rank 0's running statistics; on GPUs they normalise "
+        "over the whole batch, as the official code")
+    return DistributedDataParallel(model)
+
+
 def training_loss(model, batch: dict, method: str, device: torch.device) -> dict[str, torch.Tensor]:
     """One batch's {"loss": scalar loss} and, for IDIF, the parts its forward reports (detached);
     IDIF's student also sees the pseudo-anomalous views."""
@@ -303,7 +352,8 @@ def main(cfg: TrainConfig) -> dict:
     cfg = resolve(cfg)
     setup_process(cfg.threads)
     if cfg.batch_size % world:
-        raise data.UserError(f"--batch-size {cfg.batch_size}: must be a multiple of the {world} processes")
+        raise data.UserError(f"--batch-size {cfg.batch_size}: the global batch is split evenly over the {world} "
+                             f"processes, so it must be a multiple of {world}")
     if rank == 0:
         check_writable(Path(cfg.out))
     if world > 1:
@@ -367,8 +417,10 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
                           "random_encoder": random_encoder}, root, bool(cfg.view_norm))
     if note:
         log(note)
-    if optimizer is None:  # training-free: rank 0 fits, the other processes have nothing to do
-        return fit_memory_bank(cfg, model, model_cfg, train_set, device, log) if rank == 0 else {}
+    if optimizer is None:  # training-free: rank 0 fits, then every process evaluates its shard
+        if rank == 0:
+            return fit_memory_bank(cfg, model, model_cfg, train_set, device, log)
+        return evaluate_checkpoint(cfg, Path(cfg.out) / "last.pt", device) if cfg.evaluate else {}
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [max(1, int(0.8 * cfg.epochs))], gamma=0.1)
     out = Path(cfg.out)
     checkpoint_path = out / "last.pt"
@@ -384,7 +436,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     elif rank == 0:  # DDP's constructor then copies rank 0's calibrated statistics to every rank
         calibrate_frozen_encoders(model, train_set, device, log)
 
-    net = DistributedDataParallel(model) if world > 1 else model
+    net = data_parallel(model, device, world, log) if world > 1 else model
     if cfg.compile:  # the checkpoints keep the plain model's state dict
         net = compile_model(net, device)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
@@ -402,6 +454,8 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
             parts = train_step(net, optimizer, batch, cfg.method, device, cfg.precision)
             sums = {name: sums.get(name, 0.0) + value for name, value in parts.items()}
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
+        if world > 1 and device.type != "cuda":
+            share_batchnorm_statistics(model)
         seconds = time.perf_counter() - started
         means = {name: total / len(loader) for name, total in sums.items()}  # loss and its parts
         history.append({"epoch": epoch + 1, **means, "seconds": seconds,
@@ -418,7 +472,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
                              "random_encoder": random_encoder}, checkpoint_path)
             (out / "history.json").write_text(json.dumps(history, indent=1))
 
-    if rank != 0 or not cfg.evaluate:
+    if not cfg.evaluate:
         return {}
     return evaluate_checkpoint(cfg, checkpoint_path, device)
 
@@ -451,7 +505,11 @@ def fit_memory_bank(cfg: TrainConfig, model, model_cfg, train_set, device: torch
 
 
 def evaluate_checkpoint(cfg: TrainConfig, checkpoint_path: Path, device: torch.device) -> dict:
-    """eval.py's main on the run's checkpoint, with the run's device, workers and view-norm setting."""
+    """eval.py's main on the run's checkpoint, with the run's device, workers and view-norm setting.
+    With several processes every process evaluates its shard of the test split (eval.py), once
+    rank 0 has written the checkpoint."""
+    if dist.is_initialized():
+        dist.barrier()
     return evaluate_run(EvalConfig(checkpoint=str(checkpoint_path), device=str(device), workers=cfg.workers,
                                    view_norm=cfg.view_norm, export_adeval=cfg.export_adeval, threads=cfg.threads,
                                    compile=cfg.compile, precision=cfg.precision))

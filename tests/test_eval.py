@@ -5,6 +5,7 @@ formats, the export for Real-IAD's scorer ADEval (checked against ADEval's own c
 import dataclasses
 import json
 import math
+import os
 import pickle
 import re
 import shlex
@@ -148,7 +149,6 @@ def test_adeval_agrees_with_our_metrics(synthetic_root, tmp_path):
     model = MeanDifference(torch.stack([item["images"] for item in train]).mean(0))
     export = ADEvalExport(tmp_path / "adeval.pkl", ["zipper"])
     metrics, _ = evaluate(model, test, "cpu", batch_size=2, export=export)
-    export.flush()
     argv = adeval_argv(tmp_path / "adeval.pkl", 5, SIZE)
     result = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -193,6 +193,44 @@ def test_dropped_views_and_view_norm(synthetic_root, tmp_path):
     assert metrics["settings"]["images"] == 5 * (5 - 3)  # present views only
     assert json.loads((out / "metrics.json").read_text())["settings"]["drop_views"] == 3
     assert len(list(out.glob("example_*.png"))) == 1
+
+
+def test_two_processes_evaluate_as_one(synthetic_root, tmp_path):
+    """`torchrun --nproc_per_node=2 eval.py`: each process evaluates every other one of the 5 test
+    samples (shards of 3 and 2). Both runs score one sample per forward on one thread, so every
+    score is computed by the same float operations (batches of several samples, or other thread
+    counts, round the convolutions differently, which the --view-norm z-scores blow up). Rank 0's
+    metrics.json then holds the one-process sample and image metrics, --view-norm statistics and
+    thresholds exactly, and its pixel metrics within their error bound; the --drop-views draw (the
+    exported views), the exported maps and the pictures are the same."""
+    checkpoint = save_checkpoint(tmp_path / "last.pt", "mvad", synthetic_root)
+    flags = ["--checkpoint", str(checkpoint), "--device", "cpu", "--drop-views", "2", "--view-norm", "--seed", "5",
+             "--batch-size", "1", "--num-figures", "3"]
+    runs = {"one": tmp_path / "one", "two": tmp_path / "two"}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli(flags + ["--out", str(runs["one"]), "--export-adeval", str(runs["one"] / "adeval.pkl")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "eval.py", *flags, "--out", str(runs["two"]), "--export-adeval",
+                             str(runs["two"] / "adeval.pkl")], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Pixel AUROC/AP/F1-max/AU-PRO/F1-max(ADer)") == 1  # rank 0 alone reports
+    one, two = (json.loads((run / "metrics.json").read_text()) for run in runs.values())
+    for key in ("sample", "image", "settings", "predict"):
+        assert one[key] == two[key], key
+    assert one["settings"]["images"] == 5 * 3 and one["sample"]["auroc"] is not None
+    for key, bound in one["pixel_error_bound"].items():
+        assert abs(one["pixel"][key] - two["pixel"][key]) <= bound + 1e-12, key
+    exported = [pickle.loads((run / "adeval.pkl").read_bytes()) for run in runs.values()]
+    assert list(exported[0]) == list(exported[1])  # the same views kept, in the same order
+    for path, (anomaly_map, score, mask) in exported[0].items():
+        assert (score, mask) == exported[1][path][1:] and np.array_equal(anomaly_map, exported[1][path][0])
+    pictures = [sorted(p.name for p in run.glob("example_*.png")) for run in runs.values()]
+    assert pictures[0] == pictures[1] and len(pictures[0]) == 3
 
 
 def oracle_dataset(samples: int = 8, categories=("toy", "zipper")) -> list[dict]:

@@ -252,6 +252,34 @@ def test_pixel_metrics_merge_is_exact():
     assert streamed.regions == single.regions > 10
 
 
+def test_pixel_metrics_merge_of_shards_equals_one_pass():
+    """Two processes' accumulators (strided shards whose score ranges differ, fed in different
+    batches) merged into one: the same grid and counts as one pass over all the maps, hence the
+    same metrics; merging an empty accumulator changes nothing, other bins are refused."""
+    maps, masks = random_maps(seed=25, n=12, size=16)
+    maps[1::2] = maps[1::2] * 4 + 3  # the second shard's scores reach far beyond the first's
+    single, shards = PixelMetrics(bins=512), [PixelMetrics(bins=512), PixelMetrics(bins=512)]
+    single.update(maps, masks)
+    for rank, accumulator in enumerate(shards):
+        for start in range(rank, len(maps), 4):  # two maps of the shard per update
+            accumulator.update(maps[start:start + 3:2], masks[start:start + 3:2])
+    merged, narrow = shards[0], shards[0].exponent
+    merged.merge(shards[1])
+    merged.merge(PixelMetrics(bins=512))
+    assert (merged.exponent, merged.offset, merged.low, merged.high) == (single.exponent, single.offset,
+                                                                           single.low, single.high)
+    assert narrow < single.exponent  # the merge had to move the first shard to the joint grid
+    for name in ("normal", "anomalous", "smallest", "largest"):
+        np.testing.assert_array_equal(getattr(merged, name), getattr(single, name), err_msg=name)
+    np.testing.assert_allclose(merged.overlap, single.overlap, rtol=1e-12)
+    assert merged.regions == single.regions > 10
+    for key, value in single.compute().items():
+        assert merged.compute()[key] == pytest.approx(value, abs=1e-12), key
+    assert merged.f1_max_ader() == pytest.approx(single.f1_max_ader(), abs=1e-12)
+    with pytest.raises(ValueError, match="cannot merge PixelMetrics with 64 bins"):
+        merged.merge(PixelMetrics(bins=64))
+
+
 def test_pixel_metrics_coarse_bins_stay_within_their_bound():
     maps, masks = random_maps(seed=30, n=20, size=16)
     exact = exact_pixel_metrics(maps, masks)

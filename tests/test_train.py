@@ -1,11 +1,12 @@
 """train.py end to end on tiny configs: both methods, the encoder's calibration, the optimiser
-recipe, resume, atomic checkpoints and a full disk, DDP with 2 CPU processes, and the one-line
-errors of bad input."""
+recipe, resume, atomic checkpoints and a full disk, DDP with 2 CPU processes (and the GPUs'
+SyncBatchNorm conversion), and the one-line errors of bad input."""
 import dataclasses
 import errno
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ import torch
 
 import data
 import train
-from eval import load_model
+from eval import EvalConfig, load_model
+from eval import main as evaluate_run
+from mvad import FrozenEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small models: MVAS with few windows, a small voxel; 64x64 images, 4 + 2 + 2 synthetic samples.
@@ -345,16 +348,81 @@ def test_corrupt_image_names_the_file(synthetic, tmp_path):
     assert bad.name in result.stderr and "Traceback" not in result.stderr
 
 
-def test_ddp_with_two_cpu_processes(synthetic, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                     "--method", "mvad", "--data-root", str(synthetic), "--out", str(tmp_path),
-                     "--image-size", "64", "--epochs", "1", "--batch-size", "2", "--weights", "none",
-                     "--device", "cpu", "--set", "n_win=2,2,2", "--set", "blocks=1,1,1",
-                     env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("epoch 1/1") == 1  # rank 0 alone logs
-    assert "2 process(es)" in result.stdout
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_process(rank: int, world: int, port: int, argv: list, states: Path) -> None:
+    """One process of a DDP run on CPU processes, started as torchrun starts one (its environment
+    variables), running train.py's command line; it saves its model's state at the end of every
+    epoch, after the BatchNorm statistics are shared."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # the processes share the cores
+    share = train.share_batchnorm_statistics
+
+    def share_and_save(model):
+        share(model)
+        torch.save(model.state_dict(), states / f"rank{rank}.pt")
+
+    train.share_batchnorm_statistics = share_and_save
+    assert train.cli(argv) == 0
+
+
+def test_ddp_with_two_cpu_processes(synthetic, tmp_path, capfd):
+    """Two CPU processes (gloo): rank 0 alone logs and checkpoints, says once what differs from the
+    GPUs' SyncBatchNorm, the ranks end the epoch with the same parameters and buffers (the
+    checkpoint's), and the evaluation sharded over both gives the one-process metrics."""
+    argv = ["--method", "mvad", "--data-root", str(synthetic), "--out", str(tmp_path), "--image-size", "64",
+            "--epochs", "1", "--batch-size", "2", "--weights", "none", "--device", "cpu", "--set", "n_win=2,2,2",
+            "--set", "blocks=1,1,1"]
+    torch.multiprocessing.spawn(ddp_process, args=(2, free_port(), argv, tmp_path), nprocs=2)
+    out = capfd.readouterr().out
+    assert out.count("epoch 1/1") == 1  # rank 0 alone logs
+    assert "2 process(es)" in out and out.count("CPU processes: no SyncBatchNorm") == 1
     state = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert state["epoch"] == 1
-    assert json.loads((tmp_path / "metrics.json").read_text())["sample"]["auroc"] is not None
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert state["epoch"] == 1 and state["model"].keys() == ranks[0].keys() == ranks[1].keys()
+    for name, value in state["model"].items():
+        assert torch.equal(ranks[0][name], value) and torch.equal(ranks[1][name], value), name
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    single = evaluate_run(EvalConfig(checkpoint=str(tmp_path / "last.pt"), device="cpu", view_norm=True,
+                                     out=str(tmp_path / "one")))
+    assert written["sample"]["auroc"] is not None
+    assert [written[level] for level in ("sample", "image")] == [single[level] for level in ("sample", "image")]
+
+
+def test_a_global_batch_that_the_processes_cannot_share_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert train.cli(["--batch-size", "3", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == ("error: --batch-size 3: the global batch is split evenly over the 2 processes, "
+                                       "so it must be a multiple of 2\n")
+
+
+@pytest.mark.parametrize("method", ["mvad", "idif"])
+def test_synchronised_batchnorm_spares_the_frozen_encoders_and_keeps_the_checkpoint(method, tmp_path):
+    """The GPUs' SyncBatchNorm conversion (its forward needs GPUs; the conversion runs anywhere): every
+    trainable BatchNorm converted, the frozen encoders' left, the same tensors under the same names,
+    and eval.py loads the checkpoint into the plain model."""
+    cfg = tiny(method, tmp_path, tmp_path)
+    model_cfg, model, optimizer = train.build_model(cfg, 5, torch.device("cpu"))
+    before = dict(model.state_dict())
+    trainable = len(train.trainable_batchnorms(model))
+    assert train.synchronise_batchnorm(model) is model
+    for module in model.modules():
+        if isinstance(module, FrozenEncoder):
+            assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules())
+            assert any(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+    synced = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert len(synced) == trainable > 0
+    assert any(p is synced[0].weight for group in optimizer.param_groups for p in group["params"])
+    state = model.state_dict()
+    assert list(state) == list(before) and all(torch.equal(state[k], before[k]) for k in before)
+    torch.save({"method": method, "config": dataclasses.asdict(model_cfg), "model": state}, tmp_path / "last.pt")
+    loaded, _ = load_model(str(tmp_path / "last.pt"))
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in loaded.modules())
+    assert all(torch.equal(loaded.state_dict()[k], before[k]) for k in before)
