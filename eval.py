@@ -942,14 +942,6 @@ PRECISIONS = ("fp32", "bf16")  # --precision: float32, or bf16 autocast of the f
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
-def default_threads() -> int:
-    """torch CPU threads when --threads is not given: the cores this process may use. On an idle
-    2-core machine 2 threads took 1.55 s per MVAD step against 2.7 s for 1; with another process
-    keeping one core busy 2 threads took 5.2 s against 3.0 s for 1 (README, Performance): there
-    --threads 1 is faster."""
-    return len(os.sched_getaffinity(0))
-
-
 def reuse_freed_memory() -> None:
     """Lets the C allocator keep freed memory for the next tensors instead of returning it to the
     system. glibc serves blocks above a threshold (at most 32 MiB) with fresh pages from the kernel
@@ -966,10 +958,12 @@ def reuse_freed_memory() -> None:
 
 
 def setup_process(threads: int | None) -> None:
-    """CPU settings for a run: torch's threads (--threads; else $OMP_NUM_THREADS when set, as torchrun
-    sets it for several processes on one machine; else default_threads()), reuse_freed_memory()."""
-    if threads is not None or "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(threads or default_threads())
+    """CPU settings for a run: torch's threads when --threads is given (else torch's default, the
+    cores, or $OMP_NUM_THREADS as torchrun sets it), reuse_freed_memory(). On an idle 2-core machine
+    2 threads took 1.55 s per MVAD step against 2.7 s for 1; with another process keeping one core
+    busy 2 threads took 5.2 s against 3.0 s for 1 (README, Performance): there --threads 1 is faster."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     reuse_freed_memory()
 
 
@@ -1240,7 +1234,7 @@ class EvalConfig:
     batch_size: int = 8  # samples (of V views each) per forward pass
     workers: int = 0  # DataLoader worker processes
     device: str | None = None  # None: cuda if available, else cpu
-    threads: int | None = None  # torch CPU threads; None: default_threads()
+    threads: int | None = None  # torch CPU threads; None: torch's default (the cores)
     compile: bool = False  # torch.compile the anomaly-map pass (on a GPU with CUDA graphs)
     precision: str = "fp32"  # fp32 | bf16: bf16 autocast of the anomaly-map pass
     drop_views: int = 0  # views removed at random from every sample (IDIF's robustness table); 0 = none
@@ -1369,7 +1363,7 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per forward pass")
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
     p.add_argument("--device", default=d.device, help="None = cuda if available, else cpu")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: the cores this process may use)")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: torch's, the cores)")
     p.add_argument("--compile", action="store_true", help="torch.compile the anomaly-map pass (CUDA graphs on a GPU)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS, help="bf16: bf16 autocast")
     p.add_argument("--drop-views", type=int, default=d.drop_views,

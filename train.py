@@ -85,7 +85,7 @@ class TrainConfig:
     device: str | None = None  # None: cuda if available, else cpu
     seed: int = 42  # the official MVAD seed
     workers: int = 0  # DataLoader worker processes
-    threads: int | None = None  # torch CPU threads; None: eval.default_threads(), the cores
+    threads: int | None = None  # torch CPU threads; None: torch's default (the cores)
     compile: bool = False  # torch.compile the model (on a GPU with CUDA graphs: mode reduce-overhead)
     precision: str = "fp32"  # fp32 | bf16: bf16 autocast of the forward passes (training and evaluation)
     resume: bool = False  # continue from <out>/last.pt with the run's stored settings
@@ -540,7 +540,7 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
     p.add_argument("--threads", type=int, default=d.threads,
-                   help="torch CPU threads (default: the cores this process may use)")
+                   help="torch CPU threads (default: torch's, the cores)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="bf16: bf16 autocast in training and evaluation (fp32 weights and optimizer)")
