@@ -52,6 +52,7 @@ Choices where the papers are silent:
 Shape legend: N maps, B samples, V views, H/W map size, S samples in a dataset.
 """
 import copy
+import ctypes
 import dataclasses
 import json
 import math
@@ -937,6 +938,51 @@ def place(model: torch.nn.Module, device) -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else model
 
 
+PRECISIONS = ("fp32", "bf16")  # --precision: float32, or bf16 autocast of the forward passes
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def reuse_freed_memory() -> None:
+    """Lets the C allocator keep freed memory for the next tensors instead of returning it to the
+    system. glibc serves blocks above a threshold (at most 32 MiB) with fresh pages from the kernel
+    and unmaps them when freed, so every large temporary (a padded feature map, an attention matrix)
+    costs page faults and a kernel zero-fill of its pages, on every call (README, Performance: the
+    plain MVAS spent more than half of its time there). mallopt exists only in glibc: elsewhere
+    (macOS, Windows) this does nothing."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)  # heap (reused) instead of fresh mappings up to 1 GiB
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # keep up to 1 GiB of free heap in the process
+    except (OSError, AttributeError):
+        pass
+
+
+def setup_process(threads: int | None) -> None:
+    """CPU settings for a run: torch's threads when --threads is given (else torch's default, the
+    cores, or $OMP_NUM_THREADS as torchrun sets it), reuse_freed_memory(). On an idle 2-core machine
+    2 threads took 1.55 s per MVAD step against 2.7 s for 1; with another process keeping one core
+    busy 2 threads took 5.2 s against 3.0 s for 1 (README, Performance): there --threads 1 is faster."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    reuse_freed_memory()
+
+
+def accelerate(anomaly_map, device, compile: bool, precision: str):
+    """A model's anomaly_map method, compiled (compile_model) and/or under bf16 autocast."""
+    fn = compile_model(anomaly_map, device) if compile else anomaly_map
+
+    def run(images, view_mask=None):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return fn(images, view_mask)
+    return run
+
+
+def compile_model(module, device):
+    """torch.compile(module); on a GPU with CUDA graphs (mode "reduce-overhead"), which removes the
+    kernel-launch overhead that bounds the MVAS blocks there."""
+    return torch.compile(module, mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
+
+
 def load_model(path: str):
     """Rebuilds the model of a train.py checkpoint: its method, its config with weights="none"
     (the frozen encoder's weights, calibrated or ImageNet, are in the state dict), its state dict.
@@ -1188,6 +1234,9 @@ class EvalConfig:
     batch_size: int = 8  # samples (of V views each) per forward pass
     workers: int = 0  # DataLoader worker processes
     device: str | None = None  # None: cuda if available, else cpu
+    threads: int | None = None  # torch CPU threads; None: torch's default (the cores)
+    compile: bool = False  # torch.compile the anomaly-map pass (on a GPU with CUDA graphs)
+    precision: str = "fp32"  # fp32 | bf16: bf16 autocast of the anomaly-map pass
     drop_views: int = 0  # views removed at random from every sample (IDIF's robustness table); 0 = none
     view_norm: bool = False  # z-score image scores per camera with training-split statistics
     num_figures: int = 4  # test samples drawn with their maps (defective first)
@@ -1217,8 +1266,13 @@ def main(cfg: EvalConfig) -> dict:
         raise data.UserError(f"--batch-size {cfg.batch_size}, --bins {cfg.bins}, --num-figures "
                              f"{cfg.num_figures}: need at least 1, 2 and 0")
     device = resolve_device(cfg.device)
+    if cfg.threads is not None and cfg.threads < 1:
+        raise data.UserError(f"--threads {cfg.threads}: must be at least 1 (or leave it out for the default)")
+    setup_process(cfg.threads)
     model, checkpoint = load_model(cfg.checkpoint)
     model = place(model, device)
+    if cfg.compile or cfg.precision != "fp32":  # camera_statistics and evaluate call model.anomaly_map
+        model.anomaly_map = accelerate(model.anomaly_map, device, cfg.compile, cfg.precision)
     run = checkpoint.get("train") or {}
     category = cfg.category or run.get("category")
     if category is None:
@@ -1309,6 +1363,9 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per forward pass")
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
     p.add_argument("--device", default=d.device, help="None = cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: torch's, the cores)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the anomaly-map pass (CUDA graphs on a GPU)")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS, help="bf16: bf16 autocast")
     p.add_argument("--drop-views", type=int, default=d.drop_views,
                    help="remove K random views from every sample (at least one kept)")
     p.add_argument("--view-norm", action="store_true",

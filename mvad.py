@@ -57,69 +57,146 @@ from data import UserError
 # ----------------------------------------------------------------------------- MVAS, pure functions
 
 
-def window_partition(x: torch.Tensor, n_win: int) -> torch.Tensor:
+def window_grid(h: int, w: int, n_win: int) -> tuple[int, int, int, int]:
+    """(th, tw, rows, cols): the size in tokens of the windows of an h x w map cut into n_win x
+    n_win windows (zero-padded at the bottom/right to a multiple of n_win), and the rows and
+    columns of windows that hold image tokens. With padding the last ones can hold padding only:
+    64 -> 70 at n_win 14 gives windows of 5 x 5 tokens, 13 of the 14 rows hold image tokens."""
+    th, tw = -(-h // n_win), -(-w // n_win)  # ceil
+    return th, tw, -(-h // th), -(-w // tw)
+
+
+def window_partition(x: torch.Tensor, n_win: int, image_only: bool = False) -> torch.Tensor:
     """Zero-pads H and W at the bottom/right to a multiple of n_win and cuts n_win x n_win windows.
 
     Args:
         x: (..., H, W, C) feature map(s), channels last.
         n_win: a, the number of windows per side (not the window size).
+        image_only: keep only the rows x cols windows that hold image tokens (`window_grid`):
+            what `mvas_attention` needs of the query, whose padding-only windows are cropped away.
     Returns:
-        (..., a*a, T, C) with T = ceil(H/a) * ceil(W/a); windows row-major, tokens inside a window
-        row-major (the official order).
+        (..., a*a, T, C) (image_only: (..., rows*cols, T, C)) with T = ceil(H/a) * ceil(W/a);
+        windows row-major, tokens inside a window row-major (the official order).
     """
     *lead, H, W, C = x.shape
-    pad_h, pad_w = -H % n_win, -W % n_win
-    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (..., Hp, Wp, C), zeros at the bottom/right
-    th, tw = (H + pad_h) // n_win, (W + pad_w) // n_win  # window height and width in tokens
-    x = x.reshape(*lead, n_win, th, n_win, tw, C).transpose(-4, -3)  # (..., a, a, th, tw, C)
-    return x.reshape(*lead, n_win * n_win, th * tw, C)  # (..., a*a, T, C)
+    th, tw, rows, cols = window_grid(H, W, n_win)
+    rows, cols = (rows, cols) if image_only else (n_win, n_win)
+    x = F.pad(x, (0, 0, 0, cols * tw - W, 0, rows * th - H))  # (..., Hp, Wp, C), zeros at the bottom/right
+    x = x.reshape(*lead, rows, th, cols, tw, C).transpose(-4, -3)  # (..., rows, cols, th, tw, C)
+    return x.reshape(*lead, rows * cols, th * tw, C)  # (..., rows*cols, T, C)
 
 
 def window_unpartition(windows: torch.Tensor, n_win: int, h: int, w: int) -> torch.Tensor:
     """Inverse of `window_partition`: stitches the windows back and crops the padding.
 
     Args:
-        windows: (..., a*a, T, C) from `window_partition` of an (..., h, w, C) map.
+        windows: (..., a*a, T, C) from `window_partition` of an (..., h, w, C) map, or
+            (..., rows*cols, T, C) from it with image_only.
         n_win: a, windows per side.
         h, w: the size before padding.
     Returns:
         (..., h, w, C).
     """
-    *lead, _, _, C = windows.shape
-    th, tw = -(-h // n_win), -(-w // n_win)  # ceil: window height and width in tokens
-    x = windows.reshape(*lead, n_win, n_win, th, tw, C).transpose(-4, -3)  # (..., a, th, a, tw, C)
-    x = x.reshape(*lead, n_win * th, n_win * tw, C)  # (..., Hp, Wp, C)
+    *lead, n, _, C = windows.shape
+    th, tw, rows, cols = window_grid(h, w, n_win)
+    rows, cols = (rows, cols) if n == rows * cols else (n_win, n_win)
+    x = windows.reshape(*lead, rows, cols, th, tw, C).transpose(-4, -3)  # (..., rows, th, cols, tw, C)
+    x = x.reshape(*lead, rows * th, cols * tw, C)  # (..., Hp, Wp, C)
     return x[..., :h, :w, :]  # (..., h, w, C)
 
 
-def mvas_routing(q: torch.Tensor, kv: torch.Tensor, topk: int,
+def mvas_routing(q_pooled: torch.Tensor, kv_pooled: torch.Tensor, topk: int,
                  present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MVAS routing: correlates every query window with every window of the other views on
     mean-pooled features and keeps the top-k candidates per query window. No learnable parameters.
 
     Args:
-        q: (N, A, T, C) the query view's windows (`window_partition`), A = a*a.
-        kv: (N, M, T, C) the windows of all other views together, view-major (M = (V-1) a*a).
+        q_pooled: (N, A, C) the query view's windows (`window_partition`, A <= a*a) averaged over
+            their T tokens (padded zeros count in the mean, as in the official code).
+        kv_pooled: (N, M, C) the same for the windows of all other views together, view-major
+            (M = (V-1) a*a).
         topk: k, clamped to M.
         present: optional (N, M) bool, False for the windows of missing views (our extension:
             their logits are -inf, so they are chosen only when fewer than k others exist).
     Returns:
-        A_c: (N, A, M) the correlation logits (mean-pooled q * C^-0.5) @ (mean-pooled kv)^T.
+        A_c: (N, A, M) the correlation logits (q_pooled * C^-0.5) @ kv_pooled^T.
         index: (N, A, k) I_m^K, the selected candidate windows per query window.
     """
-    C = q.shape[-1]
-    # A_c = A_s (A_m)^T on mean-pooled windows (padded zeros count in the mean); the pooled
-    # features are detached: the routing is an index choice, not a learned path. With the official
-    # window counts some windows hold padding only (27 of 196 at 64x64 with a = 14): they are
-    # candidates with logit 0, picked when every real window scores below 0, as in the official code
-    q_win = q.detach().mean(dim=2)  # (N, A, C)
-    kv_win = kv.detach().mean(dim=2)  # (N, M, C)
-    logits = (q_win * C ** -0.5) @ kv_win.transpose(1, 2)  # (N, A, M), the FULL C as in the code
+    C = q_pooled.shape[-1]
+    # A_c = A_s (A_m)^T; the pooled features are detached: the routing is an index choice, not a
+    # learned path. With the official window counts some windows hold padding only (27 of 196 at
+    # 64x64 with a = 14): they are candidates with logit 0, picked when every real window scores
+    # below 0, as in the official code
+    logits = (q_pooled.detach() * C ** -0.5) @ kv_pooled.detach().transpose(1, 2)  # (N, A, M), FULL C
     if present is not None:
         logits = logits.masked_fill(~present[:, None, :], float("-inf"))
     # the official code computes softmax routing weights too but never uses them: left out
-    index = logits.topk(min(topk, kv.shape[1]), dim=-1).indices  # (N, A, k)
+    index = logits.topk(min(topk, kv_pooled.shape[1]), dim=-1).indices  # (N, A, k)
     return logits, index
+
+
+def mvas_windows(q: torch.Tensor, table: torch.Tensor, pooled: torch.Tensor, candidates: torch.Tensor,
+                 topk: int, num_heads: int = 8, present: torch.Tensor | None = None) -> torch.Tensor:
+    """STEPS 2-4 of MVAS on windows already cut: routing, gather, windowed attention.
+
+    The keys/values come from a table of windows that can serve many query views: MultiViewFusion
+    cuts and pools every view of a batch once per scale and each query view names its candidates,
+    the windows of its sample's other views, by their rows in that table.
+
+    Args:
+        q: (N, Q, T, C) the query views' windows (`window_partition` of query + P; all a*a, or
+            only those holding image tokens, whose outputs are not cropped away).
+        table: (R, T, C) key/value windows, the other views' raw features (`window_partition`).
+        pooled: (R, C) table.mean(dim=1), the windows' mean-pooled features for the routing.
+        candidates: (N, M) long, the table rows of each query's candidate windows, in the official
+            order (view-major: the windows of its first other view, then of the second, ...).
+        topk: k, clamped to M. num_heads: m.
+        present: optional (N, M) bool, False for candidates of missing views (see mvas_attention).
+    Returns:
+        (N, Q, T, C) the attention output per query window.
+    """
+    N, A, T, C = q.shape  # A = Q query windows
+    d = C // num_heads
+    # STEP 2: routing, A_c and I_m^K = TopK_Index(A_c) (see `mvas_routing`)
+    _, index = mvas_routing(q.detach().mean(dim=2), pooled[candidates], topk, present)  # (N, A, k)
+    k = index.shape[-1]
+    rows = candidates.gather(1, index.flatten(1))  # (N, A*k) table rows of the selected windows
+
+    # STEP 3: gather the selected windows' raw tokens, K_m^K = V_m^K: whole windows at once
+    selected = table.index_select(0, rows.flatten()).view(N * A, k * T, C)  # (N*A, k*T, C)
+
+    # STEP 4: X_s^o = Attention(Q_s, K_m^K, V_m^K) per window, m heads, no projections; scale C^-0.5
+    # (see mvas_attention); padded zero tokens are not masked (as in the official code)
+    q = q.reshape(N * A, T, num_heads, d).transpose(1, 2)  # (N*A, m, T, d), a view
+    kv = selected.view(N * A, k * T, num_heads, d).transpose(1, 2)  # (N*A, m, k*T, d), a view
+    if present is None:
+        out = windowed_attention(q, kv, C ** -0.5)  # (N*A, m, T, d)
+    else:
+        # windows of missing views are selected only when fewer than k present ones exist: mask
+        # their tokens; a window with nothing valid keeps finite logits, then is zeroed
+        valid = present.gather(1, index.flatten(1)).view(N * A, 1, 1, k)
+        valid = valid.repeat_interleave(T, dim=-1)  # (N*A, 1, 1, k*T)
+        any_valid = valid.any(dim=-1, keepdim=True)  # (N*A, 1, 1, 1)
+        out = windowed_attention(q, kv, C ** -0.5, valid | ~any_valid) * any_valid  # (N*A, m, T, d)
+    return out.transpose(1, 2).reshape(N, A, T, C)  # (N, A, T, C)
+
+
+def windowed_attention(q: torch.Tensor, kv: torch.Tensor, scale: float,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kv^T * scale) kv per window and head (keys = values), False in mask = left out.
+
+    q: (W, m, T, d); kv: (W, m, S, d); mask: None or broadcastable to (W, m, T, S). Returns
+    (W, m, T, d). PyTorch's fused kernel without gradients and on a GPU (not measured there); on a
+    CPU with gradients the formula, since the fused backward is slow for MVAS's 8-channel heads
+    (forward + backward of MVAS at 128 px input, scale 0, freed memory reused as train.py runs,
+    2-core AMD EPYC: 135 ms fused, 74 ms by the formula).
+    """
+    if q.is_cuda or not (torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad)):
+        return F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=scale)
+    attn = (q * scale) @ kv.transpose(-2, -1)  # (W, m, T, S)
+    if mask is not None:
+        attn = attn.masked_fill(~mask, float("-inf"))
+    return attn.softmax(dim=-1) @ kv  # (W, m, T, d)
 
 
 def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: int,
@@ -139,51 +216,37 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
             present other view gets a zero output).
     Returns:
         (N, H, W, C) the attention output (no output projection).
+
+    The official code scales by C^-0.5 with the FULL channel dim, for the routing and for every
+    head (standard multi-head attention would use d^-0.5); we follow the code. Same outputs as
+    `mvas_attention_reference` (the plain version, as the official module computes), faster: the
+    query windows that hold padding only are skipped (27 of 196 at 64 x 64, 75 of 196 at 32 x 32
+    with a = 14: the official code computes and crops them), the selected windows are gathered
+    whole from a flat table instead of through an expanded token index, and the attention is fused
+    where that is faster (`windowed_attention`).
     """
     N, H, W, C = query.shape
-    # the official code scales by C^-0.5 with the FULL channel dim, for the routing and for every
-    # head (standard multi-head attention would use d^-0.5); we follow the code
-    scale = C ** -0.5
-
     # STEP 1: neighbourhood attention windows, X -> X_a (v, a^2, hw/a^2, c); zero padding included
-    q = window_partition(query, n_win)  # (N, a*a, T, C)
-    kv = window_partition(others, n_win).flatten(1, 2)  # (N, (V-1)*a*a, T, C), view-major
-    _, A, T, _ = q.shape
+    # (only the query windows that hold image tokens: the others' outputs would be cropped in STEP 5)
+    q = window_partition(query, n_win, image_only=True)  # (N, Q, T, C), Q <= A
+    table = window_partition(others, n_win)  # (N, V-1, A, T, C)
+    _, n_other, A, T, _ = table.shape
+    table = table.reshape(N * n_other * A, T, C)  # (R, T, C), R = N*(V-1)*A rows, view-major per query
+    candidates = torch.arange(N * n_other * A, device=query.device).view(N, n_other * A)  # (N, M)
+    present = None if view_mask is None else view_mask.repeat_interleave(A, dim=1)  # (N, M)
 
-    # STEP 2: routing, A_c and I_m^K = TopK_Index(A_c) (see `mvas_routing`)
-    present = None if view_mask is None else view_mask.repeat_interleave(A, dim=1)  # (N, (V-1)*A)
-    _, index = mvas_routing(q, kv, topk, present)  # (N, A, k)
-    k = index.shape[-1]
-
-    # STEP 3: gather the selected windows' raw tokens: K_m^K = V_m^K
-    gather_index = index.reshape(N, A * k, 1, 1).expand(-1, -1, T, C)
-    selected = torch.gather(kv, 1, gather_index).reshape(N, A, k * T, C)  # (N, A, k*T, C)
-
-    # STEP 4: X_s^o = Attention(Q_s, K_m^K, V_m^K) per window, m heads, no projections,
-    # padded zero tokens are not masked (as in the official code)
-    d = C // num_heads
-    q = q.reshape(N, A, T, num_heads, d).transpose(2, 3)  # (N, A, m, T, d)
-    kv = selected.reshape(N, A, k * T, num_heads, d).transpose(2, 3)  # (N, A, m, k*T, d)
-    attn = (q * scale) @ kv.transpose(-2, -1)  # (N, A, m, T, k*T)
-    if view_mask is None:
-        attn = attn.softmax(dim=-1)
-    else:
-        # windows of missing views can only be selected when fewer than k present ones exist:
-        # mask their tokens; a window with nothing valid keeps finite logits, then is zeroed
-        valid = torch.gather(present, 1, index.flatten(1)).reshape(N, A, 1, 1, k)
-        valid = valid.repeat_interleave(T, dim=-1)  # (N, A, 1, 1, k*T)
-        keep = valid | ~valid.any(dim=-1, keepdim=True)
-        attn = attn.masked_fill(~keep, float("-inf")).softmax(dim=-1) * valid
-    out = attn @ kv  # (N, A, m, T, d)
+    # STEPS 2-4: routing, gather, attention (see `mvas_windows`)
+    out = mvas_windows(q, table, table.detach().mean(dim=1), candidates, topk, num_heads, present)  # (N, Q, T, C)
 
     # STEP 5: un-window to Y_s^o (h, w, c) and crop the padding
-    out = out.transpose(2, 3).reshape(N, A, T, C)  # (N, A, T, C)
     return window_unpartition(out, n_win, H, W)  # (N, H, W, C)
 
 
 def full_cross_attention(query: torch.Tensor, others: torch.Tensor, num_heads: int = 8) -> torch.Tensor:
     """Dense baseline: every query token attends to every token of all other views, with the same
-    scaling (full C), heads and (absent) projections as `mvas_attention`.
+    scaling (full C), heads and (absent) projections as `mvas_attention`. Through PyTorch's fused
+    attention, which streams the (H*W x (V-1)*H*W) matrix instead of holding it (8 views at
+    64x64 would need 32 GiB for it); `full_cross_attention_reference` is the naive formula.
 
     Args:
         query: (N, H, W, C) the query view (plus positional embedding).
@@ -196,6 +259,62 @@ def full_cross_attention(query: torch.Tensor, others: torch.Tensor, num_heads: i
     d = C // num_heads
     q = query.reshape(N, H * W, num_heads, d).transpose(1, 2)  # (N, m, H*W, d)
     kv = others.reshape(N, -1, num_heads, d).transpose(1, 2)  # (N, m, (V-1)*H*W, d)
+    out = F.scaled_dot_product_attention(q, kv, kv, scale=C ** -0.5)  # (N, m, H*W, d)
+    return out.transpose(1, 2).reshape(N, H, W, C)
+
+
+# ----------------------------------------------------------------------------- plain reference versions
+
+
+def mvas_attention_reference(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: int,
+                             num_heads: int = 8, view_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MVAS written as plainly as the official module computes it (bit-exact to it): the other
+    views are padded and cut for every call, the windows gathered token by token through an
+    expanded index, the attention matrix held in full. Same arguments and result as
+    `mvas_attention`; the tests and bench/attention.py compare the fast version with this one."""
+    N, H, W, C = query.shape
+    scale = C ** -0.5
+
+    # STEP 1: neighbourhood attention windows, X -> X_a (v, a^2, hw/a^2, c); zero padding included
+    q = window_partition(query, n_win)  # (N, a*a, T, C)
+    kv = window_partition(others, n_win).flatten(1, 2)  # (N, (V-1)*a*a, T, C), view-major
+    _, A, T, _ = q.shape
+
+    # STEP 2: routing, A_c and I_m^K = TopK_Index(A_c) (see `mvas_routing`)
+    present = None if view_mask is None else view_mask.repeat_interleave(A, dim=1)  # (N, (V-1)*A)
+    _, index = mvas_routing(q.detach().mean(dim=2), kv.detach().mean(dim=2), topk, present)  # (N, A, k)
+    k = index.shape[-1]
+
+    # STEP 3: gather the selected windows' raw tokens: K_m^K = V_m^K
+    gather_index = index.reshape(N, A * k, 1, 1).expand(-1, -1, T, C)
+    selected = torch.gather(kv, 1, gather_index).reshape(N, A, k * T, C)  # (N, A, k*T, C)
+
+    # STEP 4: X_s^o = Attention(Q_s, K_m^K, V_m^K) per window, m heads, no projections
+    d = C // num_heads
+    q = q.reshape(N, A, T, num_heads, d).transpose(2, 3)  # (N, A, m, T, d)
+    kv = selected.reshape(N, A, k * T, num_heads, d).transpose(2, 3)  # (N, A, m, k*T, d)
+    attn = (q * scale) @ kv.transpose(-2, -1)  # (N, A, m, T, k*T)
+    if view_mask is None:
+        attn = attn.softmax(dim=-1)
+    else:
+        valid = torch.gather(present, 1, index.flatten(1)).reshape(N, A, 1, 1, k)
+        valid = valid.repeat_interleave(T, dim=-1)  # (N, A, 1, 1, k*T)
+        keep = valid | ~valid.any(dim=-1, keepdim=True)
+        attn = attn.masked_fill(~keep, float("-inf")).softmax(dim=-1) * valid
+    out = attn @ kv  # (N, A, m, T, d)
+
+    # STEP 5: un-window to Y_s^o (h, w, c) and crop the padding
+    out = out.transpose(2, 3).reshape(N, A, T, C)  # (N, A, T, C)
+    return window_unpartition(out, n_win, H, W)  # (N, H, W, C)
+
+
+def full_cross_attention_reference(query: torch.Tensor, others: torch.Tensor, num_heads: int = 8) -> torch.Tensor:
+    """`full_cross_attention` by the naive formula softmax(q k^T C^-0.5) v, holding the whole
+    (m x H*W x (V-1)*H*W) attention matrix. Same arguments and result."""
+    N, H, W, C = query.shape
+    d = C // num_heads
+    q = query.reshape(N, H * W, num_heads, d).transpose(1, 2)  # (N, m, H*W, d)
+    kv = others.reshape(N, -1, num_heads, d).transpose(1, 2)  # (N, m, (V-1)*H*W, d)
     attn = ((q * C ** -0.5) @ kv.transpose(-2, -1)).softmax(dim=-1)  # (N, m, H*W, (V-1)*H*W)
     out = attn @ kv  # (N, m, H*W, d)
     return out.transpose(1, 2).reshape(N, H, W, C)
@@ -204,9 +323,15 @@ def full_cross_attention(query: torch.Tensor, others: torch.Tensor, num_heads: i
 # ----------------------------------------------------------------------------- FLOP accounting
 
 
-def mvas_flops(h: int, w: int, c: int, n_other: int, n_win: int, topk: int) -> int:
-    """Exact FLOPs of one `mvas_attention` call for one query view, as FlopCounterMode counts them
-    (a matmul (m x n) @ (n x p) is 2*m*n*p; elementwise ops and softmax are not counted).
+def mvas_flops(h: int, w: int, c: int, n_other: int, n_win: int, topk: int, image_only: bool = False) -> int:
+    """Exact FLOPs of MVAS for one query view as the official module computes it (and
+    `mvas_attention_reference`), as FlopCounterMode counts them (a matmul (m x n) @ (n x p) is
+    2*m*n*p; elementwise ops and softmax are not counted). image_only: of one `mvas_attention` call,
+    which routes and attends only the query windows holding image tokens (`window_grid`); the
+    formulas below then hold with a^2 query windows replaced by rows*cols. The fused
+    attention counts as its two matrix products: on the `meta` device (the tests, notebook 03) it
+    runs as them; on a CPU torch 2.14's FlopCounterMode has no formula for the fused kernel
+    (bench/train.py adds one).
 
     With v = n_other, a = n_win, k = topk (clamped to v*a^2) and T = ceil(h/a) * ceil(w/a) tokens
     per (padded) window:
@@ -238,10 +363,12 @@ def mvas_flops(h: int, w: int, c: int, n_other: int, n_win: int, topk: int) -> i
       deck derives from the missing a^2.
     """
     a = n_win
-    T = -(-h // a) * -(-w // a)  # tokens per padded window
+    th, tw, rows, cols = window_grid(h, w, a)
+    T = th * tw  # tokens per padded window
+    queries = rows * cols if image_only else a * a  # query windows
     k = min(topk, n_other * a * a)
-    routing = 2 * (a * a) * c * (n_other * a * a)
-    attention = 2 * (a * a) * (2 * T * c * k * T)  # Q K^T and A V in each of the a^2 windows
+    routing = 2 * queries * c * (n_other * a * a)
+    attention = 2 * queries * (2 * T * c * k * T)  # Q K^T and A V in each query window
     return routing + attention
 
 
@@ -489,10 +616,13 @@ class MVASBlock(nn.Module):
                                  nn.Linear(mlp_ratio * dim, dim), nn.Dropout(dropout))
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
 
-    def forward(self, x, pos, others, others_mask=None):
-        """x: (N, H, W, C) query view; pos: (H, W, C); others: (N, V-1, H, W, C) raw features of the
-        other views; others_mask: (N, V-1) bool or None. Returns (N, H, W, C)."""
-        fused = mvas_attention(x + pos, others, self.n_win, self.topk, self.num_heads, others_mask)
+    def forward(self, x, pos, table, pooled, candidates, present=None):
+        """x: (N, H, W, C) query views; pos: (H, W, C); table, pooled, candidates, present: the other
+        views' windows as `mvas_windows` takes them. Returns (N, H, W, C)."""
+        N, H, W, C = x.shape
+        q = window_partition(x + pos, self.n_win, image_only=True)  # (N, Q, T, C), see mvas_attention
+        fused = mvas_windows(q, table, pooled, candidates, self.topk, self.num_heads, present)  # (N, Q, T, C)
+        fused = window_unpartition(fused, self.n_win, H, W)  # (N, H, W, C)
         x = self.norm1(x + drop_path(fused, self.drop_prob, self.training))  # (N, H, W, C)
         return self.norm2(x + self.mlp(x))  # (N, H, W, C)
 
@@ -501,11 +631,14 @@ class MultiViewFusion(nn.Module):
     """MVAS blocks at one scale. Every view in turn is the query; the other views' raw encoder
     features are its keys/values in every block (not updated between blocks). Norms and MLPs are
     shared by all views: the official code loops over the views with the same modules; we run the
-    V queries as one batch, which is the same computation (DropPath draws per query view, as there)."""
+    V queries as one batch, which is the same computation (DropPath draws per query view, as there).
+    The keys/values being the same in every block and for every query, the views are padded, cut
+    into windows and pooled once per scale (the official code does it per block and query view)."""
 
     def __init__(self, dim: int, depth: int, n_win: int, topk: int, num_heads: int, mlp_ratio: int,
                  dropout: float, drop_path: float):
         super().__init__()
+        self.n_win = n_win
         self.blocks = nn.ModuleList(MVASBlock(dim, n_win, topk, num_heads, mlp_ratio, dropout, drop_path)
                                     for _ in range(depth))
 
@@ -514,14 +647,21 @@ class MultiViewFusion(nn.Module):
         Returns (B, V, C, H, W), the fused features."""
         B, V, C, H, W = feats.shape
         x = feats.permute(0, 1, 3, 4, 2)  # (B, V, H, W, C)
+        A = self.n_win * self.n_win
+        # STEP 1 for the keys/values: every view's windows, rows (b, v, window) of one table
+        table = window_partition(x, self.n_win).flatten(0, 2)  # (B*V*A, T, C)
         # for view i, the other views in order (0..i-1, i+1..V-1), as the official torch.cat
         other = torch.tensor([[j for j in range(V) if j != i] for i in range(V)], device=feats.device)
-        others = x[:, other].reshape(B * V, V - 1, H, W, C)  # (B*V, V-1, H, W, C)
-        others_mask = None if view_mask is None else view_mask[:, other].reshape(B * V, V - 1)
+        first_row = (torch.arange(B, device=feats.device)[:, None, None] * V + other) * A  # (B, V, V-1)
+        candidates = first_row[..., None] + torch.arange(A, device=feats.device)  # (B, V, V-1, A)
+        candidates = candidates.reshape(B * V, (V - 1) * A)  # (B*V, M), view-major
+        present = None if view_mask is None else \
+            view_mask[:, other].reshape(B * V, V - 1).repeat_interleave(A, dim=1)  # (B*V, M)
         pos = sine_position_embedding(H, W, C, device=feats.device).to(feats.dtype)  # (H, W, C)
+        pooled = table.mean(dim=1)  # (B*V*A, C)
         x = x.reshape(B * V, H, W, C)  # (B*V, H, W, C)
         for block in self.blocks:
-            x = block(x, pos, others, others_mask)  # (B*V, H, W, C)
+            x = block(x, pos, table, pooled, candidates, present)  # (B*V, H, W, C)
         return x.reshape(B, V, H, W, C).permute(0, 1, 4, 2, 3)  # (B, V, C, H, W)
 
 

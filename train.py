@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
-from eval import METHODS, PAPER_SETTINGS, EvalConfig, place, protocol_note
+from eval import METHODS, PAPER_SETTINGS, PRECISIONS, EvalConfig, compile_model, place, protocol_note, setup_process
 from eval import main as evaluate_run
 from mvad import FrozenEncoder
 
@@ -85,6 +85,9 @@ class TrainConfig:
     device: str | None = None  # None: cuda if available, else cpu
     seed: int = 42  # the official MVAD seed
     workers: int = 0  # DataLoader worker processes
+    threads: int | None = None  # torch CPU threads; None: torch's default (the cores)
+    compile: bool = False  # torch.compile the model (on a GPU with CUDA graphs: mode reduce-overhead)
+    precision: str = "fp32"  # fp32 | bf16: bf16 autocast of the forward passes (training and evaluation)
     resume: bool = False  # continue from <out>/last.pt with the run's stored settings
     evaluate: bool = True  # evaluate the last checkpoint on the test split after training
     export_adeval: str | None = None  # the evaluation also writes ADEval's input here (eval.py --export-adeval)
@@ -116,6 +119,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     for name in ("epochs", "batch_size", "image_size"):
         if filled[name] < 1:
             raise data.UserError(f"--{name.replace('_', '-')} {filled[name]}: must be at least 1")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise data.UserError(f"--threads {cfg.threads}: must be at least 1 (or leave it out for the default)")
+    if cfg.precision not in PRECISIONS:
+        raise data.UserError(f"--precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
     out = cfg.out or f"runs/{cfg.method}_{cfg.category.replace(',', '+')}"
     return dataclasses.replace(cfg, device=device, out=out, **filled)
 
@@ -222,10 +229,13 @@ def build_model(cfg: TrainConfig, views: int, device) -> tuple:
     return model_cfg, model, build_optimizer(model, cfg.method, lr)
 
 
-def train_step(net: torch.nn.Module, optimizer, batch: dict, method: str, device) -> dict[str, float]:
-    """One optimisation step (net: the model or its DDP wrapper); returns the loss and the parts the
-    model reports (IDIF: L_Distill, L_IB, KL, mean Sigma) as floats."""
-    parts = training_loss(net, batch, method, device)
+def train_step(net: torch.nn.Module, optimizer, batch: dict, method: str, device,
+               precision: str = "fp32") -> dict[str, float]:
+    """One optimisation step (net: the model, or its DDP or torch.compile wrapper); returns the loss
+    and the parts the model reports (IDIF: L_Distill, L_IB, KL, mean Sigma) as floats. precision
+    "bf16": the forward pass under bf16 autocast (no loss scaling needed for bf16)."""
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        parts = training_loss(net, batch, method, device)
     optimizer.zero_grad(set_to_none=True)
     parts["loss"].backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), OPTIMIZERS[method]["clip"])
@@ -340,6 +350,7 @@ def main(cfg: TrainConfig) -> dict:
     if cfg.resume:
         cfg = resumed_config(cfg)
     cfg = resolve(cfg)
+    setup_process(cfg.threads)
     if cfg.batch_size % world:
         raise data.UserError(f"--batch-size {cfg.batch_size}: the global batch is split evenly over the {world} "
                              f"processes, so it must be a multiple of {world}")
@@ -360,16 +371,16 @@ def main(cfg: TrainConfig) -> dict:
 
 
 def resumed_config(cfg: TrainConfig) -> TrainConfig:
-    """The stored run's settings, except what concerns only this process (device, workers, whether
-    to evaluate, how to score) and --epochs when given (to extend a run)."""
+    """The stored run's settings, except what concerns only this process (device, workers, threads,
+    compile, precision, whether to evaluate, how to score) and --epochs when given (to extend a run)."""
     path = Path(resolve(cfg).out) / "last.pt"
     if not path.is_file():
         raise data.UserError(f"--resume: no checkpoint at {path}; run without --resume to start a new "
                              "run, or pass the run's --out")
     stored = TrainConfig(**load_checkpoint(path, cfg.method)["train"])
     return dataclasses.replace(stored, resume=True, epochs=cfg.epochs or stored.epochs,
-                               device=cfg.device, workers=cfg.workers, evaluate=cfg.evaluate,
-                               export_adeval=cfg.export_adeval,
+                               device=cfg.device, workers=cfg.workers, threads=cfg.threads, compile=cfg.compile,
+                               precision=cfg.precision, evaluate=cfg.evaluate, export_adeval=cfg.export_adeval,
                                view_norm=stored.view_norm if cfg.view_norm is None else cfg.view_norm)
 
 
@@ -425,7 +436,9 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     elif rank == 0:  # DDP's constructor then copies rank 0's calibrated statistics to every rank
         calibrate_frozen_encoders(model, train_set, device, log)
 
-    ddp = data_parallel(model, device, world, log) if world > 1 else model
+    net = data_parallel(model, device, world, log) if world > 1 else model
+    if cfg.compile:  # the checkpoints keep the plain model's state dict
+        net = compile_model(net, device)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True,
                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
@@ -438,7 +451,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
         started, sums = time.perf_counter(), {}
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0, leave=False)
         for batch in bar:
-            parts = train_step(ddp, optimizer, batch, cfg.method, device)
+            parts = train_step(net, optimizer, batch, cfg.method, device, cfg.precision)
             sums = {name: sums.get(name, 0.0) + value for name, value in parts.items()}
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
         if world > 1 and device.type != "cuda":
@@ -498,7 +511,8 @@ def evaluate_checkpoint(cfg: TrainConfig, checkpoint_path: Path, device: torch.d
     if dist.is_initialized():
         dist.barrier()
     return evaluate_run(EvalConfig(checkpoint=str(checkpoint_path), device=str(device), workers=cfg.workers,
-                                   view_norm=cfg.view_norm, export_adeval=cfg.export_adeval))
+                                   view_norm=cfg.view_norm, export_adeval=cfg.export_adeval, threads=cfg.threads,
+                                   compile=cfg.compile, precision=cfg.precision))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -525,6 +539,11 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--device", default=d.device, help="None: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch CPU threads (default: torch's, the cores)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU)")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                   help="bf16: bf16 autocast in training and evaluation (fp32 weights and optimizer)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the evaluation")
     p.add_argument("--export-adeval", default=d.export_adeval, metavar="FILE",

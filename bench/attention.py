@@ -1,27 +1,35 @@
-"""MVAS against dense cross-attention: time, peak memory and FLOPs of one attention call.
+"""MVAS against dense cross-attention, and the fast MVAS against today's plain one: time, peak memory, FLOPs.
 
     python bench/attention.py [--quick] [--device cpu|cuda] [--out bench/results] [--max-dense-gib 8]
 
-A call is one query view (batch 1) against the V - 1 = 4 other views of a 5-view sample, as in one
-MVAS block (mvad.MultiViewFusion runs the 5 query views of a sample as one batch of such calls):
-`mvad.mvas_attention(query, others, n_win, topk)` against `mvad.full_cross_attention(query, others)`,
-8 heads, float32, no gradients. FLOPs are the exact counts of `mvad.mvas_flops` and
-`mvad.cross_attention_flops` (matrix products only, as FlopCounterMode counts them).
-
 Tables:
-1. feature side 16, 32, 64, 128 x channels 64, 128, 256, top-K 4. Windows per side: the official
-   n_win of the scales with that side at 256 px input (16: 6, 32: 9, 64: 14); for 128 (a 512 px
-   input; the papers are silent) we keep scale 0's windows of 5 x 5 tokens, n_win 28. Dense attention
-   holds its (heads x hw x 4hw) float32 matrix twice (logits and softmax); a case that would need more
-   than --max-dense-gib is skipped.
+0. before/after at the official scale 0 (8 query views of 64 x 64 x 64 against 4 other views each,
+   n_win 14, top-4): `mvad.mvas_attention_reference` (the plain version, bit-exact to the official
+   module: it was `mvas_attention` until the fast one replaced it) against `mvad.mvas_attention`;
+   forward (no gradients), forward + backward with gradients for the query and the other views, and
+   forward + backward for the query only (as in MVAD's training: the other views are the frozen
+   encoder's features). The two run side by side, interleaved (`common.interleaved_median_seconds`),
+   in a process of their own, once with glibc's default allocator and once with the freed memory kept
+   for reuse as train.py and eval.py run (`eval.reuse_freed_memory`); the largest output and gradient
+   differences are printed beside the times.
+1. one query view against 4 other views, 8 heads, no gradients, feature side 16, 32, 64, 128 x channels
+   64, 128, 256, top-K 4: MVAS (`mvad.mvas_attention`), dense cross-attention through PyTorch's fused
+   attention (`mvad.full_cross_attention`) and by the naive formula (`mvad.full_cross_attention_reference`,
+   which holds its (heads x hw x 4hw) float32 matrix twice, logits and softmax; a case that would need more
+   than --max-dense-gib is skipped). Windows per side: the official n_win of the scales with that side at
+   256 px input (16: 6, 32: 9, 64: 14); for 128 (a 512 px input; the papers are silent) we keep scale 0's
+   windows of 5 x 5 tokens, n_win 28.
 2. the papers' ablation axes at scale 0 (64 x 64, C = 64): windows per side at K = 4 (Fig. 4), top-K
    at 8 windows per side (Fig. 5). mvad.window_partition zero-pads the side to a multiple of n_win,
    as the official code: 64 -> 70 for the official 14, windows of 5 x 5 tokens, of which the last row
    and column (27 of 196 windows) hold padding only; padded tokens are attended like the others.
+FLOPs are the exact counts of `mvad.mvas_flops` and `mvad.cross_attention_flops` (matrix products only,
+as FlopCounterMode counts them); MVAS's as the official module computes it (the fast version skips the
+query windows that hold padding only: 14% fewer FLOPs at scale 0), so its GFLOP/s are the official work's. Tables 1 and 2 run every case in a process of its own on the CPU
+(bench/common.py), so its peak memory is its own; they use the default allocator.
 Check (the one pass/fail of the benchmarks): at the official scale 0 (64 x 64, C = 64, n_win 14,
-K = 4, 4 other views) MVAS must take at most a tenth of dense attention's CPU time; exit status 1
-otherwise. On CUDA the ratio is printed, not checked.
-Every case runs in a process of its own on the CPU (bench/common.py), so its peak memory is its own.
+K = 4, 4 other views) MVAS must take at most a tenth of the fused dense attention's CPU time; exit
+status 1 otherwise. On CUDA the ratio is printed, not checked.
 """
 import sys
 from functools import partial
@@ -29,18 +37,82 @@ from functools import partial
 import torch
 
 import common  # before the project's modules: it puts the repository root on sys.path
+import eval as project_eval
 import mvad
 
 OTHER_VIEWS = 4  # V - 1 key/value views of a 5-view Real-IAD sample
 TOPK, HEADS = 4, 8  # the official top-K and MVAS heads
 N_WIN = {16: 6, 32: 9, 64: 14, 128: 28}  # windows per side for each feature side (see the docstring)
 SCALE_0 = dict(size=64, channels=64, n_win=14, topk=4)  # the official scale 0 at 256 px input
+QUERY_VIEWS = 8  # table 0: query views per call
 SPEEDUP_NEEDED = 10.0
+METHODS = {"mvas": "MVAS", "dense": "dense, fused", "dense_naive": "dense, naive"}
 
 
 def dense_bytes(size: int) -> int:
-    """Memory of dense attention's logits and softmax: 2 x heads x hw x (V-1) hw float32."""
+    """Memory of the naive dense attention's logits and softmax: 2 x heads x hw x (V-1) hw float32."""
     return 2 * HEADS * size**2 * OTHER_VIEWS * size**2 * 4
+
+
+# ----------------------------------------------------------------------------- 0. today's MVAS against the fast one
+
+
+def before_after_case(device, reuse_memory: bool, size: int, repeats: int) -> dict:
+    """Table 0 in one process: median seconds of both versions, and their largest differences."""
+    if reuse_memory:
+        project_eval.reuse_freed_memory()
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(QUERY_VIEWS, size, size, 64, generator=g).to(device)  # (N, H, W, C)
+    others = torch.randn(QUERY_VIEWS, OTHER_VIEWS, size, size, 64, generator=g).to(device)  # (N, V-1, H, W, C)
+    grad = torch.randn(QUERY_VIEWS, size, size, 64, generator=g).to(device)
+    versions = {"today": mvad.mvas_attention_reference, "fast": mvad.mvas_attention}
+    args = (SCALE_0["n_win"], SCALE_0["topk"], HEADS)
+    results, outputs = {}, {}
+    for mode, needs_grad in (("forward", ()), ("forward + backward, query and others", (0, 1)),
+                             ("forward + backward, query only (MVAD)", (0,))):
+        inputs = [x.clone().requires_grad_(i in needs_grad) for i, x in enumerate((query, others))]
+
+        def call(fn, inputs=inputs, needs_grad=needs_grad):
+            with torch.set_grad_enabled(bool(needs_grad)):
+                out = fn(*inputs, *args)
+                grads = torch.autograd.grad(out, [inputs[i] for i in needs_grad], grad) if needs_grad else ()
+            return out, grads
+
+        seconds = common.interleaved_median_seconds({name: partial(call, fn) for name, fn in versions.items()},
+                                                     device, repeats)
+        outputs[mode] = {name: call(fn) for name, fn in versions.items()}
+        today, fast = outputs[mode]["today"], outputs[mode]["fast"]
+        difference = max((a - b).abs().max().item() for a, b in zip([today[0], *today[1]], [fast[0], *fast[1]]))
+        results[mode] = {"today_s": seconds["today"], "fast_s": seconds["fast"], "max_difference": difference}
+    return results
+
+
+def before_after(args) -> list[dict]:
+    """Table 0 for each allocator mode (CPU) or once (CUDA: its caching allocator)."""
+    size = 32 if args.quick else SCALE_0["size"]
+    modes = (False, True) if args.device == "cpu" else (False,)
+    runs = []
+    for reuse in modes:
+        result = common.run_isolated(before_after_case, args.device, reuse_memory=reuse, size=size,
+                                     repeats=args.repeats + 2)
+        runs.append({"size": size, "reuse_memory": reuse, "results": result})
+    rows = []
+    for run in runs:
+        allocator = "freed memory reused" if run["reuse_memory"] else "default"
+        if args.device == "cuda":
+            allocator = "CUDA caching allocator"
+        for mode, r in run["results"].items():
+            rows.append([mode, allocator, f"{1e3 * r['today_s']:.1f}", f"{1e3 * r['fast_s']:.1f}",
+                         f"{r['today_s'] / r['fast_s']:.2f}x", f"{r['max_difference']:.1e}"])
+    common.print_table(
+        f"MVAS, today's plain version vs the fast one: {QUERY_VIEWS} query views of {size}x{size}x64 against "
+        f"{OTHER_VIEWS} other views each, n_win {SCALE_0['n_win']}, top-{SCALE_0['topk']}, {HEADS} heads, "
+        f"{args.device}, {torch.get_num_threads()} threads, interleaved, median of {args.repeats + 2} calls",
+        ["pass", "allocator", "today ms", "fast ms", "speed-up", "max |difference|"], rows)
+    return runs
+
+
+# ----------------------------------------------------------------------------- 1, 2. MVAS against dense
 
 
 def attention_case(device, method: str, size: int, channels: int, n_win: int, topk: int, repeats: int) -> dict:
@@ -50,21 +122,23 @@ def attention_case(device, method: str, size: int, channels: int, n_win: int, to
     others = torch.randn(1, OTHER_VIEWS, size, size, channels, device=device)  # (1, V-1, H, W, C)
     if method == "mvas":
         call = partial(mvad.mvas_attention, query, others, n_win, topk, HEADS)
-    else:
+    elif method == "dense":
         call = partial(mvad.full_cross_attention, query, others, HEADS)
+    else:
+        call = partial(mvad.full_cross_attention_reference, query, others, HEADS)
     with torch.no_grad():
         seconds, peak = common.time_and_memory(call, device, repeats)
     return {"seconds": seconds, "peak_bytes": peak}
 
 
 def measure(args, method: str, size: int, channels: int, n_win: int, topk: int) -> dict:
-    """One case: its settings, exact FLOPs, and time and memory unless dense would not fit."""
+    """One case: its settings, exact FLOPs, and time and memory unless the naive dense would not fit."""
     if method == "mvas":
         flops = mvad.mvas_flops(size, size, channels, OTHER_VIEWS, n_win, topk)
     else:
         flops = mvad.cross_attention_flops(size, size, channels, OTHER_VIEWS)
     result = {"method": method, "size": size, "channels": channels, "n_win": n_win, "topk": topk, "flops": flops}
-    if method == "dense" and dense_bytes(size) > args.max_dense_gib * common.GIB:
+    if method == "dense_naive" and dense_bytes(size) > args.max_dense_gib * common.GIB:
         return {**result, "skipped": f"skipped (needs {dense_bytes(size) / common.GIB:.1f} GiB)"}
     result.update(common.run_isolated(attention_case, args.device, method=method, size=size, channels=channels,
                                       n_win=n_win, topk=topk, repeats=args.repeats))
@@ -79,34 +153,29 @@ def cells(r: dict) -> list[str]:
             f"{r['flops'] / r['seconds'] / 1e9:.1f}"]
 
 
-def main() -> int:
-    p = common.arguments(__doc__)
-    p.add_argument("--max-dense-gib", type=float, default=8.0,
-                   help="skip dense cases whose logits + softmax would need more memory (GiB)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per case (median), after a warm-up")
-    args = common.parse(p)
-    sizes, channels = ((16, 32, 64), (64,)) if args.quick else ((16, 32, 64, 128), (64, 128, 256))
-    n_wins, topks = ((8, 14), (1, 4)) if args.quick else ((4, 8, 14, 16, 32), (1, 2, 4, 8, 16))
+def ratio(slow: dict, fast: dict) -> str:
+    return f"{slow['seconds'] / fast['seconds']:.1f}x" if "seconds" in slow and "seconds" in fast else "-"
 
-    # 1. feature size x channels: MVAS against dense
-    grid = []
-    for size in sizes:
-        for c in channels:
-            grid.append({"mvas": measure(args, "mvas", size, c, N_WIN[size], TOPK),
-                         "dense": measure(args, "dense", size, c, N_WIN[size], TOPK)})
+
+def grid_table(args, sizes, channels) -> list[dict]:
+    """Table 1: MVAS, fused and naive dense over feature sizes and channels."""
+    grid = [{method: measure(args, method, size, c, N_WIN[size], TOPK) for method in METHODS}
+            for size in sizes for c in channels]
     rows = []
     for case in grid:
-        m, d = case["mvas"], case["dense"]
-        speedup = f"{d['seconds'] / m['seconds']:.1f}x" if "seconds" in d and "seconds" in m else "-"
-        rows.append([f"{m['size']}x{m['size']}", m["channels"], m["n_win"], *cells(m), *cells(d), speedup,
-                     f"{m['flops'] / 1e6:,.1f}", f"{d['flops'] / 1e6:,.1f}", f"{d['flops'] / m['flops']:.0f}x"])
+        m, d, n = case["mvas"], case["dense"], case["dense_naive"]
+        rows.append([f"{m['size']}x{m['size']}", m["channels"], m["n_win"], *cells(m), *cells(d), *cells(n),
+                     ratio(d, m), ratio(n, d), f"{d['flops'] / m['flops']:.0f}x"])
     common.print_table(
         f"MVAS (top-K {TOPK}) vs dense cross-attention: 1 query view x {OTHER_VIEWS} other views, {HEADS} heads, "
         f"{args.device}, {torch.get_num_threads()} threads, median of {args.repeats} calls after a warm-up",
-        ["features", "C", "n_win", "MVAS ms", "MVAS MiB", "MVAS GFLOP/s", "dense ms", "dense MiB",
-         "dense GFLOP/s", "speed-up", "MVAS MFLOP", "dense MFLOP", "FLOP ratio"], rows)
+        ["features", "C", "n_win", "MVAS ms", "MVAS MiB", "MVAS GFLOP/s", "fused ms", "fused MiB", "fused GFLOP/s",
+         "naive ms", "naive MiB", "naive GFLOP/s", "fused / MVAS", "naive / fused", "FLOP ratio"], rows)
+    return grid
 
-    # 2. the ablation axes at scale 0
+
+def sweep_table(args, n_wins, topks) -> list[dict]:
+    """Table 2: the window-count and top-K axes of MVAS at scale 0."""
     sweep = [{"axis": "n_win", **measure(args, "mvas", 64, 64, a, TOPK)} for a in n_wins]
     sweep += [{"axis": "top-K", **measure(args, "mvas", 64, 64, 8, k)} for k in topks]
     rows = []
@@ -118,26 +187,39 @@ def main() -> int:
                        "top-K at 8 windows per side (Fig. 5 axis)",
                        ["axis", "n_win", "padded side", "tokens/window", "padding-only windows", "K", "ms", "MiB",
                         "GFLOP/s", "MFLOP"], rows)
+    return sweep
 
+
+def main() -> int:
+    p = common.arguments(__doc__)
+    p.add_argument("--max-dense-gib", type=float, default=8.0,
+                   help="skip naive dense cases whose logits + softmax would need more memory (GiB)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per case (median), after a warm-up")
+    args = common.parse(p)
+    sizes, channels = ((16, 32, 64), (64,)) if args.quick else ((16, 32, 64, 128), (64, 128, 256))
+    n_wins, topks = ((8, 14), (1, 4)) if args.quick else ((4, 8, 14, 16, 32), (1, 2, 4, 8, 16))
+
+    before = before_after(args)
+    grid = grid_table(args, sizes, channels)
+    sweep = sweep_table(args, n_wins, topks)
     if args.device == "cpu":
         print("MiB on the CPU: the rise of the process's peak resident size in the first call; a few MiB of it "
               "are first-time code paths")
 
-    # the check at the official scale 0
+    # the check at the official scale 0, against the best dense implementation
     official = next(case for case in grid if all(case["mvas"][k] == v for k, v in SCALE_0.items()))
     m, d = official["mvas"], official["dense"]
-    ratio = d["seconds"] / m["seconds"] if "seconds" in d and "seconds" in m else None
-    if ratio is None:
+    speedup = d["seconds"] / m["seconds"] if "seconds" in d and "seconds" in m else None
+    if speedup is None:
         verdict = "NOT CHECKED (a case was skipped or failed)"
     elif args.device != "cpu":
         verdict = "NOT CHECKED (the check is on CPU time)"
     else:
-        verdict = "PASS" if ratio >= SPEEDUP_NEEDED else "FAIL"
-    ratio_text = "-" if ratio is None else f"{ratio:.1f}x"
-    print(f"\nofficial scale 0 (64x64, C = 64, n_win 14, K = 4, 4 other views): dense / MVAS time = {ratio_text} "
-          f"(FLOPs: {d['flops'] / m['flops']:.0f}x); needs >= {SPEEDUP_NEEDED:.0f}x: {verdict}")
-    common.write_json("attention", args, {"grid": grid, "sweep": sweep,
-                                          "scale_0": {"speedup": ratio, "verdict": verdict}})
+        verdict = "PASS" if speedup >= SPEEDUP_NEEDED else "FAIL"
+    print(f"\nofficial scale 0 (64x64, C = 64, n_win 14, K = 4, 4 other views): fused dense / MVAS time = "
+          f"{ratio(d, m)} (FLOPs: {d['flops'] / m['flops']:.0f}x); needs >= {SPEEDUP_NEEDED:.0f}x: {verdict}")
+    common.write_json("attention", args, {"before_after": before, "grid": grid, "sweep": sweep,
+                                          "scale_0": {"speedup": speedup, "verdict": verdict}})
     return 1 if verdict == "FAIL" else 0
 
 

@@ -87,6 +87,24 @@ def median_seconds(call, device, repeats: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved_median_seconds(calls: dict, device, repeats: int = 5, warmup: int = 1) -> dict:
+    """{name: median wall-clock seconds} of several callables timed side by side: after `warmup`
+    untimed rounds, each of `repeats` rounds times every callable once, in turn, so that a change of
+    the machine's load during the measurement affects all of them alike."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            synchronize(device)
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _status_kib(field: str) -> int:
     """A "VmRSS"-like field of /proc/self/status, in KiB."""
     for line in Path("/proc/self/status").read_text().splitlines():

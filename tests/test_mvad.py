@@ -10,10 +10,11 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import UserError
-from mvad import (MVAD, FrozenEncoder, MVADConfig, cosine_distance_map, cross_attention_flops,
-                  drop_path, full_cross_attention, gaussian_blur, mvas_attention, mvas_flops, mvas_routing,
-                  seminar_flops_cross_attention, seminar_flops_mvas, seminar_flops_mvas_bound,
-                  sine_position_embedding, window_partition, window_unpartition)
+from mvad import (MVAD, FrozenEncoder, MultiViewFusion, MVADConfig, cosine_distance_map, cross_attention_flops,
+                  drop_path, full_cross_attention, full_cross_attention_reference, gaussian_blur, mvas_attention,
+                  mvas_attention_reference, mvas_flops, mvas_routing, seminar_flops_cross_attention,
+                  seminar_flops_mvas, seminar_flops_mvas_bound, sine_position_embedding, window_partition,
+                  window_unpartition)
 
 
 def tiny_config(**overrides) -> MVADConfig:
@@ -74,7 +75,7 @@ def random_views(N, n_other, H, W, C, seed=0):
 # ----------------------------------------------------------------------------- windows and MVAS
 
 
-@pytest.mark.parametrize("H, W, n_win", [(8, 8, 2), (7, 9, 3), (5, 5, 5), (13, 6, 4)])
+@pytest.mark.parametrize("H, W, n_win", [(8, 8, 2), (7, 9, 3), (5, 5, 5), (13, 6, 4), (8, 8, 6)])
 def test_window_partition_round_trip_and_padding(H, W, n_win):
     x = torch.randn(2, 3, H, W, 4)
     windows = window_partition(x, n_win)
@@ -86,6 +87,12 @@ def test_window_partition_round_trip_and_padding(H, W, n_win):
     # the padding is zeros at the bottom/right: it adds exactly (Hp*Wp - H*W) zero tokens
     zeros = (windows == 0).all(dim=-1).sum(dim=(-1, -2))
     assert (zeros == th * tw * n_win * n_win - H * W).all()
+    # image_only: the same windows less the rows/columns of windows that hold padding only
+    rows, cols = math.ceil(H / th), math.ceil(W / tw)
+    cropped = window_partition(x, n_win, image_only=True)
+    torch.testing.assert_close(cropped, windows.unflatten(2, (n_win, n_win))[:, :, :rows, :cols].flatten(2, 3),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(window_unpartition(cropped, n_win, H, W), x, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("H, W, n_win, topk, heads, n_other", [
@@ -98,6 +105,28 @@ def test_mvas_matches_loop_reference(H, W, n_win, topk, heads, n_other):
     query, others = random_views(2, n_other, H, W, 16)
     expected = mvas_reference(query, others, n_win, topk, heads)
     torch.testing.assert_close(mvas_attention(query, others, n_win, topk, heads), expected)
+    torch.testing.assert_close(mvas_attention_reference(query, others, n_win, topk, heads), expected)
+
+
+@pytest.mark.parametrize("view_mask", [None, [[True, True, True, True], [False, True, False, True],
+                                              [False, False, False, True], [False, False, False, False]]])
+def test_fast_mvas_equals_the_plain_version_in_float32_with_gradients(view_mask):
+    # the official scale-0 window shape (5 x 5 tokens, padding-only windows) at a smaller size;
+    # k = 24 > the 16 windows of one view, so sample 2 (one other view present) also gathers missing ones
+    g = torch.Generator().manual_seed(4)
+    query = torch.randn(4, 18, 18, 64, generator=g, requires_grad=True)
+    others = torch.randn(4, 4, 18, 18, 64, generator=g, requires_grad=True)
+    mask = None if view_mask is None else torch.tensor(view_mask)
+    grad = torch.randn(4, 18, 18, 64, generator=g)
+    results = []
+    for fn in (mvas_attention, mvas_attention_reference):
+        for k in (4, 24):
+            out = fn(query, others, 4, k, 8, mask)
+            dq, do = torch.autograd.grad(out, (query, others), grad)
+            results.append((out, dq, do))
+    for fast, plain in zip(results[:2], results[2:]):
+        for a, b in zip(fast, plain):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_mvas_with_all_windows_selected_is_dense_cross_attention():
@@ -106,12 +135,19 @@ def test_mvas_with_all_windows_selected_is_dense_cross_attention():
     torch.testing.assert_close(out, full_cross_attention(query, others, num_heads=4))
 
 
-def test_full_cross_attention_matches_sdpa():
-    query, others = random_views(2, 2, 5, 4, 16)
-    q = query.reshape(2, 20, 4, 4).transpose(1, 2)
-    kv = others.reshape(2, 40, 4, 4).transpose(1, 2)
-    expected = F.scaled_dot_product_attention(q, kv, kv, scale=16 ** -0.5).transpose(1, 2).reshape(2, 5, 4, 16)
-    torch.testing.assert_close(full_cross_attention(query, others, num_heads=4), expected)
+def test_full_cross_attention_equals_the_naive_formula_with_gradients():
+    g = torch.Generator().manual_seed(5)
+    query = torch.randn(2, 9, 7, 64, generator=g, requires_grad=True)
+    others = torch.randn(2, 3, 9, 7, 64, generator=g, requires_grad=True)
+    grad = torch.randn(2, 9, 7, 64, generator=g)
+    fused, naive = full_cross_attention(query, others), full_cross_attention_reference(query, others)
+    torch.testing.assert_close(fused, naive, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(fused, (query, others), grad), torch.autograd.grad(naive, (query, others), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the naive formula, written out: softmax(q k^T C^-0.5) v per head, head-major channels
+    q, kv = query[0].reshape(63, 8, 8).transpose(0, 1), others[0].reshape(189, 8, 8).transpose(0, 1)
+    by_hand = ((q @ kv.transpose(1, 2)) / 8).softmax(-1) @ kv  # (m, 63, d); C^-0.5 = 1/8
+    torch.testing.assert_close(naive[0], by_hand.transpose(0, 1).reshape(9, 7, 64))
 
 
 def test_mvas_view_mask_matches_the_reference_and_dropping_the_views():
@@ -160,8 +196,8 @@ def test_mvas_routing_selects_the_most_correlated_window():
 
     # mvas_routing on its own: the logits are the scaled dot products of the mean-pooled windows
     # (padding included), the index their top-k, view-major over the other views' windows
-    logits, index = mvas_routing(q, window_partition(others, 2).flatten(1, 2), topk=3)
     pooled_q, pooled_kv = q.mean(2), window_partition(others, 2).flatten(1, 2).mean(2)
+    logits, index = mvas_routing(pooled_q, pooled_kv, topk=3)
     torch.testing.assert_close(logits, pooled_q @ pooled_kv.transpose(1, 2) / 8 ** 0.5)
     assert index.shape == (1, 4, 3)
     assert index[0, :, 0].tolist() == [4, 5, 6, 7]  # each query window's own copy in view 1
@@ -184,15 +220,20 @@ def test_flop_formulas_equal_flop_counter(h, w, c, n_other, n_win, topk):
     query = torch.empty(1, h, w, c, device="meta")
     others = torch.empty(1, n_other, h, w, c, device="meta")
     mask = torch.ones(1, n_other, dtype=torch.bool, device="meta")
-    assert counted_flops(mvas_attention, query, others, n_win, topk) == mvas_flops(h, w, c, n_other, n_win, topk)
-    assert counted_flops(mvas_attention, query, others, n_win, topk, view_mask=mask) == \
-        mvas_flops(h, w, c, n_other, n_win, topk)
+    fast = mvas_flops(h, w, c, n_other, n_win, topk, image_only=True)
+    assert counted_flops(mvas_attention, query, others, n_win, topk) == fast
+    assert counted_flops(mvas_attention, query, others, n_win, topk, view_mask=mask) == fast
+    official = mvas_flops(h, w, c, n_other, n_win, topk)
+    assert counted_flops(mvas_attention_reference, query, others, n_win, topk) == official
+    assert counted_flops(mvas_attention_reference, query, others, n_win, topk, view_mask=mask) == official
     assert counted_flops(full_cross_attention, query, others) == cross_attention_flops(h, w, c, n_other)
 
 
 def test_mvas_is_far_cheaper_than_dense_at_the_official_scale_0():
     mvas, dense = mvas_flops(64, 64, 64, 4, 14, 4), cross_attention_flops(64, 64, 64, 4)
     assert mvas == 145_108_992 and dense == 17_179_869_184
+    # the fast version skips the 196 - 13 x 13 = 27 query windows that hold padding only
+    assert mvas_flops(64, 64, 64, 4, 14, 4, image_only=True) == mvas * 169 // 196
     assert dense / mvas > 100
 
 
@@ -369,6 +410,54 @@ def test_masked_out_view_has_no_influence():
     torch.testing.assert_close(maps[0, :2], model.anomaly_map(images[:1, :2])[0])
     with pytest.raises(UserError, match="view_mask must be a"):
         model.anomaly_map(images, view_mask=mask[:, :2])
+
+
+def official_fusion(fusion, feats, view_mask=None):
+    """MultiViewFusion.forward as the official code runs it: one query view at a time against its
+    other views concatenated in order, padded and cut again in every block (the plain MVAS)."""
+    B, V, C, H, W = feats.shape
+    x = feats.permute(0, 1, 3, 4, 2)  # (B, V, H, W, C)
+    pos = sine_position_embedding(H, W, C)
+    outs = []
+    for i in range(V):
+        other = [j for j in range(V) if j != i]
+        mask = None if view_mask is None else view_mask[:, other]
+        y = x[:, i]
+        for block in fusion.blocks:
+            fused = mvas_attention_reference(y + pos, x[:, other], block.n_win, block.topk, block.num_heads, mask)
+            y = block.norm1(y + drop_path(fused, block.drop_prob, block.training))
+            y = block.norm2(y + block.mlp(y))
+        outs.append(y)
+    return torch.stack(outs, dim=1).permute(0, 1, 4, 2, 3)  # (B, V, C, H, W)
+
+
+def test_model_equals_the_official_per_view_fusion(monkeypatch):
+    # windows with padding at every scale (16 -> 18, 8 -> 9, 4 -> 6: padding-only windows at scale 2)
+    torch.manual_seed(0)
+    model = MVAD(tiny_config(n_win=(3, 3, 3), topk=4, blocks=(1, 2, 2), dropout=0.0, drop_path=0.0))
+    images = torch.randn(2, 3, 3, 64, 64)
+    mask = torch.tensor([[True, False, True], [True, True, True]])
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # a training forward moves BatchNorm statistics
+    teacher = [t.unflatten(0, (2, 3)) for t in model.encoder(images.flatten(0, 1))]
+    upstream = [torch.randn_like(t) for t in teacher]
+
+    def run():
+        model.load_state_dict(state)
+        maps = [model.eval().anomaly_map(images), model.anomaly_map(images, view_mask=mask)]
+        loss = model.train()(images)
+        # gradients of the fusion's parameters for a fixed upstream gradient (the whole model's are
+        # too ill-conditioned to compare: train-mode BatchNorm over 2 x 2 maps of 6 images)
+        fused = [fuse(t) for fuse, t in zip(model.fusion, teacher)]
+        grads = torch.autograd.grad(fused, list(model.fusion.parameters()), upstream)
+        return maps + [loss], grads
+
+    outputs, grads = run()
+    monkeypatch.setattr(MultiViewFusion, "forward", official_fusion)
+    official_outputs, official_grads = run()
+    for a, b in zip(outputs, official_outputs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, official_grads, strict=True):  # sums over 1,500 tokens of values up to ~100
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_inputs_and_configs():

@@ -299,6 +299,19 @@ def test_flags_override_the_profile():
     assert train.resolve(train.parse_args(["--device", "cpu"])).view_norm is train.PROFILES["cpu"]["view_norm"]
 
 
+def test_bf16_autocast_step_on_the_cpu(synthetic, tmp_path):
+    cfg = train.resolve(tiny("mvad", synthetic, tmp_path))
+    batch = next(iter(torch.utils.data.DataLoader(train.training_set(cfg, synthetic), batch_size=2)))
+    losses = []
+    for precision in ("fp32", "bf16"):
+        _, model, optimizer = train.build_model(cfg, 5, torch.device("cpu"))
+        before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        losses.append(train.train_step(model, optimizer, batch, "mvad", torch.device("cpu"), precision)["loss"])
+        after = [p for p in model.parameters() if p.requires_grad]
+        assert all(torch.isfinite(p).all() for p in after) and any((a != b).any() for a, b in zip(after, before))
+    assert losses[1] == pytest.approx(losses[0], rel=0.05)  # bf16 keeps 8 bits of mantissa
+
+
 def run_cli(*args, cwd=ROOT, env=None, timeout=120):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
@@ -312,6 +325,7 @@ def run_cli(*args, cwd=ROOT, env=None, timeout=120):
     (["--data-root", "{synthetic}", "--out", "{tmp}/fresh", "--resume"], "--resume: no checkpoint at"),
     (["--method", "mvad", "--set", "wings=2"], "--set wings=2: expected NAME=VALUE"),
     (["--method", "mvad", "--set", "topk=many"], "--set topk=many: 'many' is not a valid int"),
+    (["--threads", "0"], "--threads 0: must be at least 1"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(args, message, synthetic, tmp_path):
     fill = {"synthetic": str(synthetic), "tmp": str(tmp_path)}
