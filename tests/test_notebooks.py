@@ -1,9 +1,9 @@
 """Executes every notebook top to bottom with nbclient, in quick mode, as CI does: a cell that raises fails
-the notebook's test, and so does an output of 01 or 05 that lacks what the notebook explains (EXPECTED).
+the notebook's test, and so does an output of 01, 05 or 06 that lacks what the notebook explains (EXPECTED).
 Also checks that the committed notebooks are valid, small and free of error outputs.
 
-Quick mode (NOTEBOOK_QUICK=1) shrinks the data, models and epochs; all five notebooks take about 90 seconds
-on a 2-core CPU. The kernel runs with one OpenMP thread unless OMP_NUM_THREADS is set: the notebooks' tensors
+Quick mode (NOTEBOOK_QUICK=1) shrinks the data, models and epochs (06 draws the committed
+bench/results/ablations.json in both modes); all six notebooks take about 90 seconds on a 2-core CPU. The kernel runs with one OpenMP thread unless OMP_NUM_THREADS is set: the notebooks' tensors
 are small, and when another process keeps a core busy, a second OpenMP thread makes every small op wait
 several milliseconds at the thread barrier (measured here: an MVAD training step of 14 s with 2 threads
 against 0.5 s with 1).
@@ -18,11 +18,11 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["01_multiview_data", "02_mvas", "03_complexity", "04_idif", "05_training"]
+NAMES = ["01_multiview_data", "02_mvas", "03_complexity", "04_idif", "05_training", "06_ablations"]
 CELL_TIMEOUT = 600  # seconds per cell; quick mode needs under 30
 
 
-def test_the_five_notebooks_are_there():
+def test_the_six_notebooks_are_there():
     assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == NAMES
 
 
@@ -53,6 +53,10 @@ EXPECTED = {
         r"defective samples by number of views that show the defect: \{0: 0, ",
         r"corrupted     \(5, 3, 128, 128\)",
         r"same item twice identical: True\nepoch 1 differs from epoch 0: True",
+    ],
+    "06_ablations": [
+        r"settings: \{'profile': 'cpu', 'image_size': 128, 'batch_size': 4, 'epochs': 5",
+        r"zipper: mvad seeds \[42, 43\], rd seeds \[42, 43\], idif-ensemble seeds \[42, 43\]",
     ],
     "05_training": [
         r"Calibrating the random-init encoder's BatchNorm statistics on 8 training samples",
