@@ -56,7 +56,7 @@ EXPECTED = {
     ],
     "06_ablations": [
         r"settings: \{'profile': 'cpu', 'image_size': 128, 'batch_size': 4, 'epochs': 5",
-        r"zipper: mvad seeds \[42, 43\], rd seeds \[42, 43\], idif-ensemble seeds \[42, 43\]",
+        r"zipper: mvad seeds \[42, 43, 44\], rd seeds \[42, 43, 44\], idif-ensemble seeds \[42, 43, 44\]",
     ],
     "05_training": [
         r"Calibrating the random-init encoder's BatchNorm statistics on 8 training samples",
