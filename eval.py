@@ -51,6 +51,7 @@ Choices where the papers are silent:
 
 Shape legend: N maps, B samples, V views, H/W map size, S samples in a dataset.
 """
+import contextlib
 import copy
 import ctypes
 import dataclasses
@@ -962,9 +963,34 @@ def setup_process(threads: int | None) -> None:
     cores, or $OMP_NUM_THREADS as torchrun sets it), reuse_freed_memory(). On an idle 2-core machine
     2 threads took 1.55 s per MVAD step against 2.7 s for 1; with another process keeping one core
     busy 2 threads took 5.2 s against 3.0 s for 1 (README, Performance): there --threads 1 is faster."""
+    if threads is not None and threads < 1:
+        raise data.UserError(f"--threads {threads}: must be at least 1 (or leave it out for the default)")
     if threads is not None:
         torch.set_num_threads(threads)
     reuse_freed_memory()
+
+
+def autocast(device, precision: str):
+    """The forward passes' autocast context: bf16 for --precision bf16, a no-op for fp32."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@contextlib.contextmanager
+def distributed_run(device: torch.device, world: int, local_rank: int):
+    """The process's device and, for several processes (torchrun), the torch.distributed group
+    (nccl on GPUs, gloo on CPUs) around the run. A plain "cuda" becomes the GPU of LOCAL_RANK
+    (GPU 0 for one process). Yields the device."""
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
 
 
 def accelerate(anomaly_map, device, compile: bool, precision: str):
@@ -972,7 +998,7 @@ def accelerate(anomaly_map, device, compile: bool, precision: str):
     fn = compile_model(anomaly_map, device) if compile else anomaly_map
 
     def run(images, view_mask=None):
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(device, precision):
             return fn(images, view_mask)
     return run
 
@@ -1266,8 +1292,6 @@ def main(cfg: EvalConfig) -> dict:
         raise data.UserError(f"--batch-size {cfg.batch_size}, --bins {cfg.bins}, --num-figures "
                              f"{cfg.num_figures}: need at least 1, 2 and 0")
     device = resolve_device(cfg.device)
-    if cfg.threads is not None and cfg.threads < 1:
-        raise data.UserError(f"--threads {cfg.threads}: must be at least 1 (or leave it out for the default)")
     setup_process(cfg.threads)
     model, checkpoint = load_model(cfg.checkpoint)
     model = place(model, device)
@@ -1397,16 +1421,9 @@ def main_in_torchrun(cfg: EvalConfig) -> dict:
     `torchrun --nproc_per_node=N eval.py --checkpoint ...`."""
     if "RANK" not in os.environ or dist.is_initialized():
         return main(cfg)
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
+    world, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    with distributed_run(resolve_device(cfg.device), world, local_rank) as device:
         return main(dataclasses.replace(cfg, device=str(device)))
-    finally:
-        dist.destroy_process_group()
 
 
 def cli(argv=None) -> int:

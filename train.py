@@ -46,7 +46,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
-from eval import METHODS, PAPER_SETTINGS, PRECISIONS, EvalConfig, compile_model, place, protocol_note, setup_process
+from eval import (METHODS, PAPER_SETTINGS, PRECISIONS, EvalConfig, autocast, compile_model, distributed_run, place,
+                  protocol_note, setup_process)
 from eval import main as evaluate_run
 from mvad import FrozenEncoder
 
@@ -119,8 +120,6 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     for name in ("epochs", "batch_size", "image_size"):
         if filled[name] < 1:
             raise data.UserError(f"--{name.replace('_', '-')} {filled[name]}: must be at least 1")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise data.UserError(f"--threads {cfg.threads}: must be at least 1 (or leave it out for the default)")
     if cfg.precision not in PRECISIONS:
         raise data.UserError(f"--precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
     out = cfg.out or f"runs/{cfg.method}_{cfg.category.replace(',', '+')}"
@@ -234,7 +233,7 @@ def train_step(net: torch.nn.Module, optimizer, batch: dict, method: str, device
     """One optimisation step (net: the model, or its DDP or torch.compile wrapper); returns the loss
     and the parts the model reports (IDIF: L_Distill, L_IB, KL, mean Sigma) as floats. precision
     "bf16": the forward pass under bf16 autocast (no loss scaling needed for bf16)."""
-    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with autocast(device, precision):
         parts = training_loss(net, batch, method, device)
     optimizer.zero_grad(set_to_none=True)
     parts["loss"].backward()
@@ -356,18 +355,8 @@ def main(cfg: TrainConfig) -> dict:
                              f"processes, so it must be a multiple of {world}")
     if rank == 0:
         check_writable(Path(cfg.out))
-    if world > 1:
-        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    try:
-        device = torch.device(cfg.device)
-        if device.type == "cuda":
-            if device.index is None:  # plain "cuda": this process's GPU under torchrun, else GPU 0
-                device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
+    with distributed_run(torch.device(cfg.device), world, local_rank) as device:
         return run(cfg, rank, world, device)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
 
 
 def resumed_config(cfg: TrainConfig) -> TrainConfig:
