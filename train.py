@@ -408,7 +408,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
         log(note)
     if optimizer is None:  # training-free: rank 0 fits, then every process evaluates its shard
         if rank == 0:
-            return fit_memory_bank(cfg, model, model_cfg, train_set, device, log)
+            return fit_memory_bank(cfg, model, model_cfg, random_encoder, train_set, device, log)
         return evaluate_checkpoint(cfg, Path(cfg.out) / "last.pt", device) if cfg.evaluate else {}
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [max(1, int(0.8 * cfg.epochs))], gamma=0.1)
     out = Path(cfg.out)
@@ -466,16 +466,17 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     return evaluate_checkpoint(cfg, checkpoint_path, device)
 
 
-def fit_memory_bank(cfg: TrainConfig, model, model_cfg, train_set, device: torch.device, log) -> dict:
+def fit_memory_bank(cfg: TrainConfig, model, model_cfg, random_encoder: bool, train_set, device: torch.device,
+                    log) -> dict:
     """A training-free run (PatchCore): one pass over the training images fills the memory bank,
     saved atomically in last.pt with the frozen encoder; then the same evaluation as a trained run.
-    With --resume an existing bank is evaluated again, not refitted."""
+    With --resume an existing bank is evaluated again, not refitted. random_encoder: the encoder
+    is random-init (recorded in the checkpoint, as for a trained run)."""
     out, checkpoint_path = Path(cfg.out), Path(cfg.out) / "last.pt"
     if cfg.resume:
         model.load_state_dict(load_checkpoint(checkpoint_path, cfg.method)["model"])
         log(f"Resuming {checkpoint_path}: its memory bank is fitted already")
     else:
-        random_encoder = any(m.needs_calibration for m in model.modules() if isinstance(m, FrozenEncoder))
         calibrate_frozen_encoders(model, train_set, device, log)
         started = time.perf_counter()
         loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.workers,
