@@ -124,7 +124,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from data import UserError
 from mvad import DeBasicBlock, FrozenEncoder, cosine_distance_map, gaussian_blur, rd4ad_init
 
 
@@ -507,10 +506,10 @@ class IDIF(nn.Module):
         super().__init__()
         stride = 16 * cfg.patch_size
         if cfg.image_size % stride:
-            raise UserError(f"image_size {cfg.image_size} must be a multiple of {stride} for IDIF "
+            raise ValueError(f"image_size {cfg.image_size} must be a multiple of {stride} for IDIF "
                             f"(16 x patch_size {cfg.patch_size}); use e.g. --image-size 128 or 256")
         if not 0 <= cfg.view_dropout < 1:
-            raise UserError(f"view_dropout {cfg.view_dropout} must be in [0, 1); the paper uses 0.2")
+            raise ValueError(f"view_dropout {cfg.view_dropout} must be in [0, 1); the paper uses 0.2")
         self.cfg = cfg
         grid = cfg.image_size // stride
         self.teacher = FrozenEncoder("resnet18", cfg.weights)
@@ -526,19 +525,19 @@ class IDIF(nn.Module):
         self.decoders = nn.ModuleList(ViewDecoder(channels) for _ in range(cfg.num_views))
 
     def check_inputs(self, images: torch.Tensor, view_mask: torch.Tensor | None) -> None:
-        """Raises UserError when images (B, V, 3, H, W) or view_mask (B, V) do not fit the model."""
+        """Raises ValueError when images (B, V, 3, H, W) or view_mask (B, V) do not fit the model."""
         V, S = self.cfg.num_views, self.cfg.image_size
         if images.dim() != 5 or tuple(images.shape[1:]) != (V, 3, S, S):
-            raise UserError(f"IDIF got images of shape {tuple(images.shape)}; it was built for "
+            raise ValueError(f"IDIF got images of shape {tuple(images.shape)}; it was built for "
                             f"(B, {V}, 3, {S}, {S}) (IDIFConfig num_views={V}, image_size={S}); "
                             "resize the views or build the model with matching settings")
         if view_mask is None:
             return
         if view_mask.dtype != torch.bool or tuple(view_mask.shape) != tuple(images.shape[:2]):
-            raise UserError(f"view_mask must be a bool tensor of shape {tuple(images.shape[:2])} "
+            raise ValueError(f"view_mask must be a bool tensor of shape {tuple(images.shape[:2])} "
                             f"(True = view present), got {view_mask.dtype} {tuple(view_mask.shape)}")
         if not view_mask.any(dim=1).all():
-            raise UserError("view_mask marks every view of a sample absent; IDIF needs at least one "
+            raise ValueError("view_mask marks every view of a sample absent; IDIF needs at least one "
                             "present view per sample")
 
     def decoder_input(self, f_E: torch.Tensor, view_mask: torch.Tensor):
@@ -600,7 +599,7 @@ class IDIF(nn.Module):
         """
         self.check_inputs(images, view_mask)
         if corrupted.shape != images.shape:
-            raise UserError(f"corrupted views of shape {tuple(corrupted.shape)} must match images "
+            raise ValueError(f"corrupted views of shape {tuple(corrupted.shape)} must match images "
                             f"{tuple(images.shape)}")
         B, V = images.shape[:2]
         if view_mask is None:  # view-wise dropout in training mode, every view otherwise

@@ -52,7 +52,6 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.resnet import Bottleneck
 
-from data import UserError
 
 # ----------------------------------------------------------------------------- MVAS, pure functions
 
@@ -494,7 +493,7 @@ class FrozenEncoder(nn.Module):
     """A torchvision ResNet's stages 1-3, frozen and always in eval mode (the teacher).
 
     weights: "imagenet" (torchvision's weights API: the torch hub cache, downloaded when online;
-    fails with a UserError naming the file and folder when neither works), "auto" (ImageNet when
+    fails with a ValueError naming the file and folder when neither works), "auto" (ImageNet when
     available, else a random-init encoder, said in one line), "none" (random init) or a path to a
     torchvision/timm ResNet state dict. A random-init encoder has `needs_calibration` True until
     `calibrate` has re-estimated its BatchNorm statistics; the flag is a buffer, so checkpoints
@@ -504,7 +503,7 @@ class FrozenEncoder(nn.Module):
     def __init__(self, arch: str = "resnet34", weights: str = "auto"):
         super().__init__()
         if arch not in ENCODERS:
-            raise UserError(f"--backbone {arch!r} is unknown; choose one of: {', '.join(ENCODERS)}")
+            raise ValueError(f"--backbone {arch!r} is unknown; choose one of: {', '.join(ENCODERS)}")
         build, _ = ENCODERS[arch]
         net = build(weights=None)
         state = self._read_weights(arch, weights)
@@ -512,11 +511,11 @@ class FrozenEncoder(nn.Module):
             try:
                 missing, unexpected = net.load_state_dict(state, strict=False)
             except RuntimeError:  # wrong tensor shapes
-                raise UserError(f"--weights {weights}: the tensors do not fit a {arch} (another "
+                raise ValueError(f"--weights {weights}: the tensors do not fit a {arch} (another "
                                 f"architecture's file?); give a torchvision/timm {arch} state dict")
             missing = [k for k in missing if not k.startswith(("layer4.", "fc."))]
             if missing or unexpected:
-                raise UserError(f"--weights {weights}: not a {arch} state dict (missing {missing[:3]}, "
+                raise ValueError(f"--weights {weights}: not a {arch} state dict (missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]}); give a torchvision/timm {arch} file")
         self.conv1, self.bn1, self.layer1, self.layer2, self.layer3 = \
             net.conv1, net.bn1, net.layer1, net.layer2, net.layer3
@@ -537,10 +536,10 @@ class FrozenEncoder(nn.Module):
                 return ENCODERS[arch][1].get_state_dict(progress=False)
             except Exception as e:  # torch raises many different types for a failed download or read
                 if file.is_file():
-                    raise UserError(f"{file}: cannot be read ({type(e).__name__}); delete or replace it")
+                    raise ValueError(f"{file}: cannot be read ({type(e).__name__}); delete or replace it")
                 where = f"{file.name} into {file.parent} (from {ENCODERS[arch][1].url})"
                 if weights == "imagenet":
-                    raise UserError(f"--weights imagenet: the ImageNet {arch} file is missing and cannot "
+                    raise ValueError(f"--weights imagenet: the ImageNet {arch} file is missing and cannot "
                                     f"be downloaded ({type(e).__name__}); put {where}, or use --weights auto")
                 print(f"warning: ImageNet {arch} weights not found ({file}) and the download failed "
                       f"({type(e).__name__}); continuing with a random-init "
@@ -549,14 +548,14 @@ class FrozenEncoder(nn.Module):
                 return None
         path = Path(weights)
         if not path.is_file():
-            raise UserError(f"--weights {weights!r}: no such file; use auto, imagenet, none or a path "
+            raise ValueError(f"--weights {weights!r}: no such file; use auto, imagenet, none or a path "
                             f"to a {arch} state dict")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a foreign or truncated file: torch raises many different types
-            raise UserError(f"--weights {weights}: not a readable state dict ({type(e).__name__})")
+            raise ValueError(f"--weights {weights}: not a readable state dict ({type(e).__name__})")
         if not isinstance(state, dict):
-            raise UserError(f"--weights {weights}: holds a {type(state).__name__}, not a state dict")
+            raise ValueError(f"--weights {weights}: holds a {type(state).__name__}, not a state dict")
         return state
 
     @property
@@ -585,7 +584,7 @@ class FrozenEncoder(nn.Module):
             bn.momentum = 0.1  # torchvision's default
         self.train(False)
         if seen == 0:
-            raise UserError("calibrating the encoder needs at least one training batch; the training set is empty")
+            raise ValueError("calibrating the encoder needs at least one training batch; the training set is empty")
         self.bn_ready.fill_(True)
 
     @torch.no_grad()
@@ -809,9 +808,9 @@ class MVAD(nn.Module):
     def __init__(self, cfg: MVADConfig):
         super().__init__()
         if cfg.image_size % 32 or cfg.image_size < 32:
-            raise UserError(f"--image-size {cfg.image_size}: MVAD needs a multiple of 32 (official: 256)")
+            raise ValueError(f"--image-size {cfg.image_size}: MVAD needs a multiple of 32 (official: 256)")
         if not len(cfg.n_win) == len(cfg.blocks) == 3:
-            raise UserError(f"MVAD needs 3 values for n_win and blocks (one per scale), "
+            raise ValueError(f"MVAD needs 3 values for n_win and blocks (one per scale), "
                             f"got {cfg.n_win}, {cfg.blocks}")
         self.cfg = cfg
         self.encoder = FrozenEncoder(cfg.backbone, cfg.weights)
@@ -834,11 +833,11 @@ class MVAD(nn.Module):
         """
         if images.dim() != 5 or images.shape[1] < 2 or images.shape[2] != 3 \
                 or images.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
-            raise UserError(f"MVAD expects images (B, V>=2, 3, {self.cfg.image_size}, {self.cfg.image_size}), "
+            raise ValueError(f"MVAD expects images (B, V>=2, 3, {self.cfg.image_size}, {self.cfg.image_size}), "
                             f"got {tuple(images.shape)}; set --image-size to the data's size")
         B, V, _, H, W = images.shape
         if view_mask is not None and (view_mask.shape != (B, V) or view_mask.dtype != torch.bool):
-            raise UserError(f"view_mask must be a (B, V) = ({B}, {V}) bool tensor, got "
+            raise ValueError(f"view_mask must be a (B, V) = ({B}, {V}) bool tensor, got "
                             f"{tuple(view_mask.shape)} {view_mask.dtype}")
         # STEP 1: the frozen pre-trained encoder sees every view separately: X_i^j for scale j
         teacher = self.encoder(images.flatten(0, 1))  # S x (B*V, C_s, H_s, W_s)

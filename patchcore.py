@@ -62,7 +62,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mvad import FrozenEncoder, UserError, gaussian_blur
+from mvad import FrozenEncoder, gaussian_blur
 
 # ----------------------------------------------------------------------------- features, pure functions
 
@@ -189,12 +189,12 @@ class PatchCore(nn.Module):
     def __init__(self, cfg: PatchCoreConfig):
         super().__init__()
         if not 0 < cfg.coreset_fraction <= 1:
-            raise UserError(f"coreset_fraction {cfg.coreset_fraction} must be in (0, 1]; the paper uses 0.1 or 0.01")
+            raise ValueError(f"coreset_fraction {cfg.coreset_fraction} must be in (0, 1]; the paper uses 0.1 or 0.01")
         if cfg.patch_size < 1 or cfg.patch_size % 2 == 0 or cfg.width < 1 or cfg.projection_dim < 1:
-            raise UserError(f"patch_size {cfg.patch_size} must be odd, width {cfg.width} and projection_dim "
+            raise ValueError(f"patch_size {cfg.patch_size} must be odd, width {cfg.width} and projection_dim "
                             f"{cfg.projection_dim} positive (paper: 3, 1024, 128)")
         if cfg.image_size % 16 or cfg.image_size < 16:
-            raise UserError(f"image_size {cfg.image_size} must be a multiple of 16 for PatchCore (stage 3 is H/16)")
+            raise ValueError(f"image_size {cfg.image_size} must be a multiple of 16 for PatchCore (stage 3 is H/16)")
         self.cfg = cfg
         self.encoder = FrozenEncoder(cfg.backbone, cfg.weights)
         # (G, M, D): G = 1 bank over all views, or one per camera; empty until fit
@@ -253,9 +253,9 @@ class PatchCore(nn.Module):
         G = self.memory_bank.shape[0]
         B, V, _, H, W = images.shape
         if G == 0:
-            raise UserError("PatchCore's memory bank is empty: fit it first (python train.py --method patchcore)")
+            raise ValueError("PatchCore's memory bank is empty: fit it first (python train.py --method patchcore)")
         if G > 1 and G != V:
-            raise UserError(f"this PatchCore has one memory bank per camera for {G} cameras; the images have {V} views")
+            raise ValueError(f"this PatchCore has one memory bank per camera for {G} cameras; the images have {V} views")
         features = self.embed(images)  # (B, V, h, w, D)
         _, _, h, w, D = features.shape
         # STEP 4: nearest-neighbour search (eq. 6): each view in its camera's bank, or all in the one bank

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from data import UserError
+
 from idif import (
     IDIF,
     ConsistencyBottleneck,
@@ -370,31 +370,31 @@ def test_without_fusion_a_view_sees_only_itself():
 
 
 def test_error_image_size_not_a_multiple_of_the_token_stride():
-    with pytest.raises(UserError, match=r"image_size 100 must be a multiple of 32 for IDIF"):
+    with pytest.raises(ValueError, match=r"image_size 100 must be a multiple of 32 for IDIF"):
         IDIF(IDIFConfig(image_size=100, weights="none"))
 
 
 def test_error_view_dropout_out_of_range():
-    with pytest.raises(UserError, match=r"view_dropout 1.0 must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"view_dropout 1.0 must be in \[0, 1\)"):
         IDIF(IDIFConfig(image_size=SIZE, view_dropout=1.0, weights="none"))
 
 
 def test_error_images_do_not_fit_the_model():
     model = small_model(3)
-    with pytest.raises(UserError, match=r"images of shape \(1, 2, 3, 64, 64\); it was built for "
+    with pytest.raises(ValueError, match=r"images of shape \(1, 2, 3, 64, 64\); it was built for "
                                          r"\(B, 3, 3, 64, 64\) \(IDIFConfig num_views=3, image_size=64\)"):
         model.eval().anomaly_map(views_batch(1, 2))
     images = views_batch(1, 3)
-    with pytest.raises(UserError, match=r"corrupted views of shape \(1, 3, 3, 32, 32\) must match"):
+    with pytest.raises(ValueError, match=r"corrupted views of shape \(1, 3, 3, 32, 32\) must match"):
         model(images, images[..., :32, :32])
 
 
 def test_error_bad_view_mask():
     model = small_model(2).eval()
     images = views_batch(2, 2)
-    with pytest.raises(UserError, match=r"view_mask must be a bool tensor of shape \(2, 2\)"):
+    with pytest.raises(ValueError, match=r"view_mask must be a bool tensor of shape \(2, 2\)"):
         model.anomaly_map(images, torch.ones(2, 2))
-    with pytest.raises(UserError, match=r"every view of a sample absent; IDIF needs at least one"):
+    with pytest.raises(ValueError, match=r"every view of a sample absent; IDIF needs at least one"):
         model.anomaly_map(images, torch.tensor([[True, False], [False, False]]))
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import UserError
+
 from mvad import (MVAD, FrozenEncoder, MultiViewFusion, MVADConfig, cosine_distance_map, cross_attention_flops,
                   drop_path, full_cross_attention, full_cross_attention_reference, gaussian_blur, mvas_attention,
                   mvas_attention_reference, mvas_flops, mvas_routing, seminar_flops_cross_attention,
@@ -408,7 +408,7 @@ def test_masked_out_view_has_no_influence():
     assert maps[0, 2].abs().max() == 0
     # and it equals running the sample without that view at all
     torch.testing.assert_close(maps[0, :2], model.anomaly_map(images[:1, :2])[0])
-    with pytest.raises(UserError, match="view_mask must be a"):
+    with pytest.raises(ValueError, match="view_mask must be a"):
         model.anomaly_map(images, view_mask=mask[:, :2])
 
 
@@ -462,17 +462,17 @@ def test_model_equals_the_official_per_view_fusion(monkeypatch):
 
 def test_bad_inputs_and_configs():
     model = MVAD(tiny_config())
-    with pytest.raises(UserError, match=r"expects images \(B, V>=2, 3, 64, 64\).*--image-size"):
+    with pytest.raises(ValueError, match=r"expects images \(B, V>=2, 3, 64, 64\).*--image-size"):
         model(torch.randn(1, 3, 3, 128, 128))
-    with pytest.raises(UserError, match="V>=2"):
+    with pytest.raises(ValueError, match="V>=2"):
         model(torch.randn(1, 1, 3, 64, 64))
-    with pytest.raises(UserError, match=r"got \(2, 3, 64, 64\)"):
+    with pytest.raises(ValueError, match=r"got \(2, 3, 64, 64\)"):
         model.anomaly_map(torch.randn(2, 3, 64, 64))
-    with pytest.raises(UserError, match="--image-size 100: MVAD needs a multiple of 32"):
+    with pytest.raises(ValueError, match="--image-size 100: MVAD needs a multiple of 32"):
         MVAD(tiny_config(image_size=100))
-    with pytest.raises(UserError, match="3 values for n_win and blocks"):
+    with pytest.raises(ValueError, match="3 values for n_win and blocks"):
         MVAD(tiny_config(n_win=(4, 3)))
-    with pytest.raises(UserError, match="--backbone 'resnet50' is unknown; choose one of: resnet18, resnet34"):
+    with pytest.raises(ValueError, match="--backbone 'resnet50' is unknown; choose one of: resnet18, resnet34"):
         MVAD(tiny_config(backbone="resnet50"))
 
 
@@ -527,12 +527,12 @@ def offline_hub(tmp_path, monkeypatch):
 
 
 def test_imagenet_weights_missing_raises_naming_file_and_folder(offline_hub):
-    with pytest.raises(UserError) as err:
+    with pytest.raises(ValueError) as err:
         FrozenEncoder("resnet34", "imagenet")
     message = str(err.value)
     assert "resnet34-b627a593.pth" in message and str(offline_hub) in message
     assert message.startswith("--weights imagenet") and "\n" not in message
-    with pytest.raises(UserError, match="wide_resnet50_2-95faca4d.pth"):
+    with pytest.raises(ValueError, match="wide_resnet50_2-95faca4d.pth"):
         FrozenEncoder("wide_resnet50_2", "imagenet")
 
 
@@ -563,27 +563,27 @@ def test_weights_from_a_file(tmp_path, offline_hub):
 
 
 def test_bad_weights_paths(tmp_path, offline_hub):
-    with pytest.raises(UserError, match=r"--weights '.*nope.pth': no such file; use auto, imagenet, none or a"):
+    with pytest.raises(ValueError, match=r"--weights '.*nope.pth': no such file; use auto, imagenet, none or a"):
         FrozenEncoder("resnet34", str(tmp_path / "nope.pth"))
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(UserError, match="not a readable state dict"):
+    with pytest.raises(ValueError, match="not a readable state dict"):
         FrozenEncoder("resnet34", str(tmp_path / "junk.pth"))
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")  # fewer blocks
-    with pytest.raises(UserError, match=r"not a resnet34 state dict \(missing \['layer1.2.conv1.weight'"):
+    with pytest.raises(ValueError, match=r"not a resnet34 state dict \(missing \['layer1.2.conv1.weight'"):
         FrozenEncoder("resnet34", str(tmp_path / "r18.pth"))
     state = torchvision.models.resnet34().state_dict()
     state["conv1.weight"] = torch.zeros(32, 3, 7, 7)
     torch.save(state, tmp_path / "narrow.pth")
-    with pytest.raises(UserError, match="the tensors do not fit a resnet34"):
+    with pytest.raises(ValueError, match="the tensors do not fit a resnet34"):
         FrozenEncoder("resnet34", str(tmp_path / "narrow.pth"))
     torch.save([1, 2], tmp_path / "list.pth")
-    with pytest.raises(UserError, match="holds a list, not a state dict"):
+    with pytest.raises(ValueError, match="holds a list, not a state dict"):
         FrozenEncoder("resnet34", str(tmp_path / "list.pth"))
     offline_hub.mkdir(parents=True)
     (offline_hub / "resnet34-b627a593.pth").write_text("truncated")
-    with pytest.raises(UserError, match=r"resnet34-b627a593.pth: cannot be read \(.*\); delete or replace it"):
+    with pytest.raises(ValueError, match=r"resnet34-b627a593.pth: cannot be read \(.*\); delete or replace it"):
         FrozenEncoder("resnet34", "auto")
-    with pytest.raises(UserError, match="--backbone 'vgg16' is unknown"):
+    with pytest.raises(ValueError, match="--backbone 'vgg16' is unknown"):
         FrozenEncoder("vgg16", "none")
 
 
@@ -611,7 +611,7 @@ def test_calibration_changes_bn_statistics_and_is_deterministic():
     c = FrozenEncoder("resnet18", "none")
     c.load_state_dict(a.state_dict())
     assert not c.needs_calibration
-    with pytest.raises(UserError, match="needs at least one training batch"):
+    with pytest.raises(ValueError, match="needs at least one training batch"):
         FrozenEncoder("resnet18", "none").calibrate([])
 
 
