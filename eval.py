@@ -77,7 +77,7 @@ from tqdm import tqdm
 
 import data
 from idif import IDIF, IDIFConfig
-from mvad import MVAD, MVADConfig
+from mvad import MVAD, MVADConfig, read_torch_file
 from patchcore import PatchCore, PatchCoreConfig
 
 # name -> (config dataclass, model): every model has anomaly_map(images, view_mask) -> (B, V, H, W)
@@ -640,53 +640,77 @@ def evaluate(model, dataset, device, drop_views: int = 0, batch_size: int = 8, w
     indices = shard(len(dataset), rank, world)
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=torch.device(device).type == "cuda")
-    pixels = defaultdict(lambda: PixelMetrics(bins))  # one accumulator per category
-    gathered = defaultdict(lambda: defaultdict(list))  # category -> index (n,); scores, labels, classes, present (n, V)
-    defective, normal = [], []  # the first samples of each kind, for the pictures
-    view_masks, start = None, 0  # which views every sample keeps; place of the batch in the shard
+    collected, view_masks, start = ShardResults(bins, num_figures), None, 0  # start: the batch's place in the shard
     with torch.inference_mode():
         for batch in tqdm(loader, desc="evaluating", leave=False, disable=rank != 0):
-            images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, H, W)
-            B, V = images.shape[:2]
+            B, V = batch["images"].shape[:2]
             if view_masks is None:  # V is known from the first batch on; one draw for the whole split
-                view_masks = drop_views_mask(len(dataset), V, drop_views, seed)  # (S, V)
+                view_masks = drop_views_mask(len(dataset), V, drop_views, seed)  # (n, V)
             index = torch.tensor(indices[start:start + B])  # (B,) the samples' places in the split
-            view_mask = view_masks[index]  # (B, V)
-            start += B
-            maps = model.anomaly_map(images, view_mask.to(device) if drop_views else None)
-            maps = maps.float().cpu()  # (B, V, H, W)
-            if not torch.isfinite(maps).all():
-                raise data.UserError("the model produced NaN/inf anomaly maps: the checkpoint's training "
-                                     "diverged; retrain with a lower --lr")
-            masks = batch["masks"][:, :, 0] > 0.5  # (B, V, H, W)
-            classes = batch["view_classes"] > 0  # (B, V) the JSON classes, which give the sample labels
-            batch_scores, batch_labels = image_scores(maps), image_labels(masks)  # (B, V) each
-            if view_stats is not None:
-                stats = torch.stack([view_stats[c] for c in batch["category"]])  # (B, 2, V)
-                batch_scores = (batch_scores - stats[:, 0]) / stats[:, 1]
-            for category in set(batch["category"]):
-                rows = torch.tensor([c == category for c in batch["category"]])  # (B,)
-                pixels[category].update(maps[rows][view_mask[rows]], masks[rows][view_mask[rows]])  # (n, H, W)
-                for name, value in (("index", index), ("scores", batch_scores), ("labels", batch_labels),
-                                    ("classes", classes), ("present", view_mask)):
-                    gathered[category][name].append(value[rows])
+            view_mask, start = view_masks[index], start + B  # (B, V)
+            scored = score_batch(model, batch, device, view_mask if drop_views else None, view_stats)
+            collected.add(batch, index, view_mask, scored)
             if export is not None:
-                export.add(batch, maps, batch_scores, view_mask)
-            is_defective = sample_labels(classes, view_mask)  # (B,)
-            for i in range(B):
-                kept = defective if is_defective[i] else normal
-                if len(kept) < num_figures:
-                    kept.append({**example(batch, i, images[i], maps[i], masks[i], view_mask[i], batch_scores[i],
-                                           is_defective[i]), "index": int(index[i])})
+                export.add(batch, scored["maps"], scored["scores"], view_mask)
     if export is not None:
         export.flush()  # the categories left, in every process before the gather below (same order)
-    shards = gather({"pixels": dict(pixels), "examples": defective + normal,
-                     "rows": {c: {k: torch.cat(v) for k, v in columns.items()} for c, columns in gathered.items()}})
+    shards = gather(collected.shard())
     if shards is None:
         return None, None
     pixels, rows, examples = merge_shards(shards, num_figures)
     metrics, levels, decision = summarise(pixels, rows)
     return metrics, {"levels": levels, "decision": decision, "examples": examples}
+
+
+def score_batch(model, batch: dict, device, view_mask: torch.Tensor | None, view_stats: dict | None) -> dict:
+    """One batch through the model: {"images" (B, V, 3, H, W) on `device`, "maps" (B, V, H, W) float32
+    on the CPU, "masks" (B, V, H, W) bool, "classes" (B, V) the JSON classes (which give the sample
+    labels), "scores" (B, V) image scores (z-scored per camera with view_stats), "labels" (B, V)}."""
+    images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, H, W)
+    maps = model.anomaly_map(images, None if view_mask is None else view_mask.to(device))
+    maps = maps.float().cpu()  # (B, V, H, W)
+    if not torch.isfinite(maps).all():
+        raise data.UserError("the model produced NaN/inf anomaly maps: the checkpoint's training "
+                             "diverged; retrain with a lower --lr")
+    masks = batch["masks"][:, :, 0] > 0.5  # (B, V, H, W)
+    scores = image_scores(maps)  # (B, V)
+    if view_stats is not None:
+        stats = torch.stack([view_stats[c] for c in batch["category"]])  # (B, 2, V)
+        scores = (scores - stats[:, 0]) / stats[:, 1]
+    return {"images": images, "maps": maps, "masks": masks, "classes": batch["view_classes"] > 0,
+            "scores": scores, "labels": image_labels(masks)}
+
+
+class ShardResults:
+    """What one process collects from its shard of the test split: per category a PixelMetrics and
+    the rows of its samples (index: place in the split (n,); scores, labels, classes, present:
+    (n, V)), and the first num_figures defective and normal samples for the pictures."""
+
+    def __init__(self, bins: int, num_figures: int):
+        self.pixels = defaultdict(lambda: PixelMetrics(bins))  # one accumulator per category
+        self.rows = defaultdict(lambda: defaultdict(list))  # category -> name -> list of (b,) or (b, V)
+        self.defective, self.normal, self.num_figures = [], [], num_figures
+
+    def add(self, batch: dict, index: torch.Tensor, view_mask: torch.Tensor, scored: dict) -> None:
+        """One batch: index (B,) its samples' places in the split, view_mask (B, V), score_batch's dict."""
+        maps, masks = scored["maps"], scored["masks"]
+        for category in set(batch["category"]):
+            rows = torch.tensor([c == category for c in batch["category"]])  # (B,)
+            self.pixels[category].update(maps[rows][view_mask[rows]], masks[rows][view_mask[rows]])  # (N, H, W)
+            for name, value in (("index", index), ("scores", scored["scores"]), ("labels", scored["labels"]),
+                                ("classes", scored["classes"]), ("present", view_mask)):
+                self.rows[category][name].append(value[rows])
+        is_defective = sample_labels(scored["classes"], view_mask)  # (B,)
+        for i in range(len(index)):
+            kept = self.defective if is_defective[i] else self.normal
+            if len(kept) < self.num_figures:
+                kept.append({**example(batch, i, scored["images"][i], maps[i], masks[i], view_mask[i],
+                                       scored["scores"][i], is_defective[i]), "index": int(index[i])})
+
+    def shard(self) -> dict:
+        """What `merge_shards` takes from this process."""
+        return {"pixels": dict(self.pixels), "examples": self.defective + self.normal,
+                "rows": {c: {k: torch.cat(v) for k, v in columns.items()} for c, columns in self.rows.items()}}
 
 
 def merge_shards(shards: list[dict], num_figures: int) -> tuple[dict, dict, list]:
@@ -1019,11 +1043,8 @@ def load_model(path: str):
     if not Path(path).is_file():
         raise data.UserError(f"--checkpoint {path}: no such file; pass the last.pt that train.py wrote "
                              "(e.g. runs/idif_zipper/last.pt)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: torch raises many different types
-        raise data.UserError(f"--checkpoint {path}: not a readable PyTorch checkpoint ({type(e).__name__}); "
-                             "the file is damaged or of another kind, re-run train.py")
+    checkpoint = read_torch_file(path, f"--checkpoint {path}", "PyTorch checkpoint",
+                                 "the file is damaged or of another kind, re-run train.py", data.UserError)
     if not isinstance(checkpoint, dict) or not {"method", "config", "model"} <= checkpoint.keys():
         raise data.UserError(f"--checkpoint {path}: not a train.py checkpoint (it needs the keys "
                              "method, config and model)")
@@ -1293,33 +1314,12 @@ def main(cfg: EvalConfig) -> dict:
                              f"{cfg.num_figures}: need at least 1, 2 and 0")
     device = resolve_device(cfg.device)
     setup_process(cfg.threads)
-    model, checkpoint = load_model(cfg.checkpoint)
-    model = place(model, device)
-    if cfg.compile or cfg.precision != "fp32":  # camera_statistics and evaluate call model.anomaly_map
-        model.anomaly_map = accelerate(model.anomaly_map, device, cfg.compile, cfg.precision)
-    run = checkpoint.get("train") or {}
-    category = cfg.category or run.get("category")
-    if category is None:
-        raise data.UserError(f"--checkpoint {cfg.checkpoint} does not name its category; pass --category")
-    root = find_data_root(cfg.data_root, run, category)
-    image_size = checkpoint["config"]["image_size"]
-    categories = category if category == "all" else category.split(",")
-    test_set = data.RealIAD(root, categories, "test", image_size=image_size)
-    if len(test_set) == 0:
-        raise data.UserError(f"--data-root {root}: the test split of {category} is empty")
-    V = test_set[0]["images"].shape[0]
-    if not 0 <= cfg.drop_views < V:
-        raise data.UserError(f"--drop-views {cfg.drop_views}: must be between 0 and {V - 1} "
-                             f"(every sample keeps at least one of its {V} views)")
-    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise data.UserError(f"--out {out}: cannot create the folder ({e.strerror}); choose a writable one")
-
+    model, checkpoint = prepared_model(cfg, device)
+    root, category, test_set = test_split(cfg, checkpoint)
+    out = output_folder(cfg)
     view_stats = None
     if cfg.view_norm:
-        train_set = data.RealIAD(root, categories, "train", image_size=image_size)
+        train_set = data.RealIAD(root, category_list(category), "train", image_size=checkpoint["config"]["image_size"])
         view_stats = camera_statistics(model, train_set, device, cfg.batch_size, cfg.workers)
     export = None if cfg.export_adeval is None else ADEvalExport(_writable(cfg.export_adeval),
                                                                  test_set.categories)
@@ -1329,24 +1329,79 @@ def main(cfg: EvalConfig) -> dict:
                                   export=export)
     if metrics is None:  # not rank 0, which reports for every process
         return {}
-    metrics["settings"] = {
-        "checkpoint": str(cfg.checkpoint), "method": checkpoint["method"], "epoch": checkpoint.get("epoch"),
-        "data_root": str(root), "categories": sorted(collected["levels"]), "image_size": image_size,
-        "samples": len(test_set), "views": V, "drop_views": cfg.drop_views, "view_norm": cfg.view_norm,
-        "positive_samples": sum(int(curves["sample"][1].sum()) for curves in collected["levels"].values()),
-        "images": sum(len(curves["image"][0]) for curves in collected["levels"].values()),
-        "seed": cfg.seed, "pixel_bins": cfg.bins}
+    metrics["settings"] = run_settings(cfg, checkpoint, root, test_set, collected)
     metrics["predict"] = {c: {**decision, "view_stats": None if view_stats is None else view_stats[c].tolist()}
                           for c, decision in collected["decision"].items()}  # what `eval.py predict` applies
-    notes = [protocol_note(checkpoint, root, cfg.view_norm)]
-    if export is not None:
-        commands = [shlex.join(adeval_argv(path, V - cfg.drop_views, image_size)) for path in export.written]
-        notes.append("ADEval, Real-IAD's scorer, on the exported maps (one file per category):\n"
-                     + "\n".join(f"    {command}" for command in commands))
     title = (f"{checkpoint['method']} on {category}: {len(test_set)} test samples, drop_views "
              f"{cfg.drop_views}, view_norm {cfg.view_norm}")
-    write_reports(out, metrics, collected, category, title, [note for note in notes if note])
+    write_reports(out, metrics, collected, category, title, report_notes(cfg, checkpoint, root, metrics, export))
     return metrics
+
+
+def category_list(category: str):
+    """--category as data.RealIAD takes it: "all", or a list of names from a comma list."""
+    return category if category == "all" else category.split(",")
+
+
+def prepared_model(cfg: EvalConfig, device: torch.device) -> tuple:
+    """(the checkpoint's model on `device`, its anomaly_map compiled and/or under bf16 autocast as the
+    flags ask, the checkpoint dict)."""
+    model, checkpoint = load_model(cfg.checkpoint)
+    model = place(model, device)
+    if cfg.compile or cfg.precision != "fp32":  # camera_statistics and evaluate call model.anomaly_map
+        model.anomaly_map = accelerate(model.anomaly_map, device, cfg.compile, cfg.precision)
+    return model, checkpoint
+
+
+def test_split(cfg: EvalConfig, checkpoint: dict) -> tuple:
+    """(data root, category, test split) for --category (else the run's), at the model's image size,
+    with one-line errors for an empty split and a --drop-views that leaves no view."""
+    run = checkpoint.get("train") or {}
+    category = cfg.category or run.get("category")
+    if category is None:
+        raise data.UserError(f"--checkpoint {cfg.checkpoint} does not name its category; pass --category")
+    root = find_data_root(cfg.data_root, run, category)
+    test_set = data.RealIAD(root, category_list(category), "test", image_size=checkpoint["config"]["image_size"])
+    if len(test_set) == 0:
+        raise data.UserError(f"--data-root {root}: the test split of {category} is empty")
+    V = test_set[0]["images"].shape[0]
+    if not 0 <= cfg.drop_views < V:
+        raise data.UserError(f"--drop-views {cfg.drop_views}: must be between 0 and {V - 1} "
+                             f"(every sample keeps at least one of its {V} views)")
+    return root, category, test_set
+
+
+def output_folder(cfg: EvalConfig) -> Path:
+    """--out (else the checkpoint's folder), created; a one-line error when that cannot be done."""
+    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise data.UserError(f"--out {out}: cannot create the folder ({e.strerror}); choose a writable one")
+    return out
+
+
+def run_settings(cfg: EvalConfig, checkpoint: dict, root: Path, test_set, collected: dict) -> dict:
+    """metrics.json's "settings": what was evaluated, on which data, how."""
+    levels = collected["levels"]
+    return {"checkpoint": str(cfg.checkpoint), "method": checkpoint["method"], "epoch": checkpoint.get("epoch"),
+            "data_root": str(root), "categories": sorted(levels), "image_size": checkpoint["config"]["image_size"],
+            "samples": len(test_set), "views": test_set[0]["images"].shape[0], "drop_views": cfg.drop_views,
+            "view_norm": cfg.view_norm,
+            "positive_samples": sum(int(curves["sample"][1].sum()) for curves in levels.values()),
+            "images": sum(len(curves["image"][0]) for curves in levels.values()),
+            "seed": cfg.seed, "pixel_bins": cfg.bins}
+
+
+def report_notes(cfg: EvalConfig, checkpoint: dict, root: Path, metrics: dict, export) -> list[str]:
+    """The lines under the table: what is not the papers' protocol, and ADEval's commands for an export."""
+    notes = [protocol_note(checkpoint, root, cfg.view_norm)]
+    if export is not None:
+        views, image_size = metrics["settings"]["views"], metrics["settings"]["image_size"]
+        commands = [shlex.join(adeval_argv(path, views - cfg.drop_views, image_size)) for path in export.written]
+        notes.append("ADEval, Real-IAD's scorer, on the exported maps (one file per category):\n"
+                     + "\n".join(f"    {command}" for command in commands))
+    return [note for note in notes if note]
 
 
 def _writable(path: str) -> Path:

@@ -130,7 +130,7 @@ from mvad import DeBasicBlock, FrozenEncoder, cosine_distance_map, gaussian_blur
 # ----------------------------------------------------------------------------- helpers
 
 
-def sine_positional_encoding(grid: tuple[int, ...], dim: int) -> torch.Tensor:
+def grid_sine_encoding(grid: tuple[int, ...], dim: int) -> torch.Tensor:
     """Fixed sine-cosine encoding of the cells of a regular grid with any number of axes.
 
     Each axis gets an even share of the channels (the first axis also takes the remainder). Cell
@@ -415,9 +415,9 @@ class ImplicitVoxel(nn.Module):
         super().__init__()
         self.voxel_size = tuple(voxel_size)
         self.prototype = nn.Parameter(torch.randn(math.prod(voxel_size), dim) * 0.02)  # P_0
-        self.register_buffer("voxel_pos", sine_positional_encoding(self.voxel_size, dim), persistent=False)
+        self.register_buffer("voxel_pos", grid_sine_encoding(self.voxel_size, dim), persistent=False)
         self.patchify = nn.Conv2d(dim, dim, patch_size, stride=patch_size)
-        self.register_buffer("token_pos", sine_positional_encoding(token_grid, dim), persistent=False)
+        self.register_buffer("token_pos", grid_sine_encoding(token_grid, dim), persistent=False)
         self.view_embed = nn.Parameter(torch.randn(num_views, dim) * 0.02)
         self.blocks = nn.ModuleList(FusionBlock(dim, heads) for _ in range(blocks))
         self.norm = nn.LayerNorm(dim)
@@ -497,6 +497,12 @@ class IDIFConfig:
     alpha: float = 1.0  # weight of L_Distill (paper: 1)
     beta: float = 1.0  # weight of L_IB (paper: 1)
     kl_weight: float = 0.01  # weight of KL(N(mu, Sigma^2) || N(0, 1)) in L_IB; holds Sigma up (paper: none)
+    blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly maps, pixels (paper is silent; MVAD's official 4)
+    # the optimiser (train.py), paper is silent: MVAD's official recipe with a lower rate for the attention fusion
+    base_lr: float = 0.002  # learning rate per 16 images: lr = base_lr * images per step / 16 (MVAD's: 0.005)
+    weight_decay: float = 1e-4  # AdamW weight decay, on weights only (not biases and norms); MVAD's: 1e-4
+    clip: float = 5.0  # gradient-norm clip; MVAD's: 5
+    lr_decay_at: float = 0.8  # the rate drops x0.1 after this share of the epochs; MVAD's: 0.8
 
 
 class IDIF(nn.Module):
@@ -620,11 +626,6 @@ class IDIF(nn.Module):
         """The training loss and its parts, loss_parts' dict (train.py logs every part)."""
         return self.loss_parts(images, corrupted, view_mask)
 
-    def loss(self, images: torch.Tensor, corrupted: torch.Tensor,
-             view_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The scalar training loss alpha L_Distill + beta L_IB."""
-        return self(images, corrupted, view_mask)["loss"]
-
     @torch.no_grad()
     def anomaly_map(self, images: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Per-view anomaly maps at input resolution; call in eval mode.
@@ -634,7 +635,7 @@ class IDIF(nn.Module):
             view_mask: (B, V) bool, True = view present; None = every view. An absent view is never
                 read, has no influence on the present views' maps, and its own map is zero.
         Returns:
-            (B, V, H, W) float32: mean over scales of the upsampled 1 - cos, smoothed with sigma 4.
+            (B, V, H, W) float32: mean over scales of the upsampled 1 - cos, smoothed with blur_sigma.
         """
         self.check_inputs(images, view_mask)
         B, V, _, H, W = images.shape
@@ -643,5 +644,5 @@ class IDIF(nn.Module):
         f_tea, f_stu, _, _ = self.features(images, images, view_mask)  # the student sees the test views
         maps = [cosine_distance_map(tea.flatten(0, 1).float(), stu.flatten(0, 1).float(), (H, W))
                 for tea, stu in zip(f_tea, f_stu)]  # 3 x (B*V, H, W)
-        maps = gaussian_blur(torch.stack(maps).mean(dim=0), sigma=4.0)  # (B*V, H, W)
+        maps = gaussian_blur(torch.stack(maps).mean(dim=0), self.cfg.blur_sigma)  # (B*V, H, W)
         return maps.view(B, V, H, W).where(view_mask[:, :, None, None], 0.0)  # (B, V, H, W)

@@ -323,44 +323,8 @@ def full_cross_attention_reference(query: torch.Tensor, others: torch.Tensor, nu
 
 
 def mvas_flops(h: int, w: int, c: int, n_other: int, n_win: int, topk: int, image_only: bool = False) -> int:
-    """Exact FLOPs of MVAS for one query view as the official module computes it (and
-    `mvas_attention_reference`), as FlopCounterMode counts them (a matmul (m x n) @ (n x p) is
-    2*m*n*p; elementwise ops and softmax are not counted). image_only: of one `mvas_attention` call,
-    which routes and attends only the query windows holding image tokens (`window_grid`); the
-    formulas below then hold with a^2 query windows replaced by rows*cols. The fused
-    attention counts as its two matrix products: on the `meta` device (the tests, notebook 03) it
-    runs as them; on a CPU torch 2.14's FlopCounterMode has no formula for the fused kernel
-    (bench/train.py adds one).
-
-    With v = n_other, a = n_win, k = topk (clamped to v*a^2) and T = ceil(h/a) * ceil(w/a) tokens
-    per (padded) window:
-        routing   (a^2 x c) @ (c x v a^2)                 2 v a^4 c
-        Q K^T     a^2 windows x (T x c) @ (c x k T)       2 a^2 k T^2 c
-        A V       a^2 windows x (T x k T) @ (k T x c)     2 a^2 k T^2 c
-    Without padding T = hw/a^2, so the total is 2 v a^4 c + 4 k c (hw)^2 / a^2.
-
-    Where the seminar's printed derivation (`seminar_flops_mvas`) differs from this count:
-    1. Its attention term 2 (hw/a^2)(k hw/a^2) c is the cost of ONE window (T query tokens times
-       kT keys, for QK^T and AV in multiply-adds). There are a^2 windows, so the real term is
-       2 a^2 T kT c = 2 k (hw)^2 c / a^2 multiply-adds: /a^2, not /a^4.
-    2. Its routing terms 2 v a^4 c + v a^4 c = 3 v a^4 c become 2 c v a^4 on the next line; the
-       routing matmul is v a^4 c multiply-adds (= 2 v a^4 c FLOPs).
-    3. Units: the deck mixes multiply-adds with FLOPs and counts the softmax (the v (hw)^2 term of
-       the cross-attention); FlopCounterMode counts 2 per multiply-add and no softmax.
-    4. It ignores the padding to a multiple of a: the attention grows with (padded area)^2, and
-       64 -> 70 at the official scale 0 makes it (70/64)^4 = 1.43x the unpadded count.
-    Real growth with hw (FLOPs, no padding):
-    - fixed window size (T fixed, a^2 = hw/T): the attention 4 k c T hw is linear, but the
-      routing 2 v c (hw)^2 / T^2 is quadratic, so MVAS is O((hw)^2); it looks linear only while
-      the attention dominates, i.e. below hw = 2 k T^3 / v (31,250 tokens, about 177 x 177, for
-      5 x 5 windows and v = k = 4).
-    - fixed n_win (what the official code does per scale): T = hw/a^2 grows and the attention
-      4 k c (hw)^2 / a^2 is quadratic, a constant v a^2 / k (196 at scale 0) below dense.
-    - best n_win for each hw: minimising f(A) = 2 v c A^2 + 4 k c (hw)^2 / A over A = a^2 gives
-      A^3 = (k/v)(hw)^2, i.e. a^2 = (k/v)^(1/3) (hw)^(2/3), and f = 6 c v^(1/3) k^(2/3) (hw)^(4/3):
-      O((hw)^(4/3)), as the paper's v2 abstract states, not the linear 4 c (vk)^(1/2) hw that the
-      deck derives from the missing a^2.
-    """
+    """Exact FLOPs of MVAS for one query view as FlopCounterMode counts them (derived in notebooks/03_complexity.ipynb);
+    image_only: only the query windows that hold image tokens, as `mvas_attention` computes them."""
     a = n_win
     th, tw, rows, cols = window_grid(h, w, a)
     T = th * tw  # tokens per padded window
@@ -372,32 +336,14 @@ def mvas_flops(h: int, w: int, c: int, n_other: int, n_win: int, topk: int, imag
 
 
 def cross_attention_flops(h: int, w: int, c: int, n_other: int) -> int:
-    """Exact FLOPs of one `full_cross_attention` call for one query view (FlopCounterMode's rule):
-    Q K^T (hw x c) @ (c x v hw) and A V (hw x v hw) @ (v hw x c): 4 v (hw)^2 c."""
+    """Exact FLOPs of one `full_cross_attention` call for one query view, 4 v (hw)^2 c (notebooks/03_complexity.ipynb)."""
     return 2 * 2 * (h * w) * c * (n_other * h * w)
-
-
-def seminar_flops_cross_attention(h: int, w: int, c: int, v: int) -> float:
-    """The deck's printed cost of cross-attention: (2c + 1) v (hw)^2 (multiply-adds of QK^T and AV
-    plus the softmax). v = views that supply keys."""
-    return (2 * c + 1) * v * (h * w) ** 2
-
-
-def seminar_flops_mvas(h: int, w: int, c: int, v: int, a: int, k: int) -> float:
-    """The deck's printed cost of MVAS, first line: 2 v (a^2)^2 c + v (a^2)^2 c + 2 (hw/a^2)(k hw/a^2) c.
-    See `mvas_flops` for where it differs from the exact count."""
-    return 2 * v * a ** 4 * c + v * a ** 4 * c + 2 * (h * w / a ** 2) * (k * h * w / a ** 2) * c
-
-
-def seminar_flops_mvas_bound(h: int, w: int, c: int, v: int, k: int) -> float:
-    """The deck's printed minimum over a: 2c(v a^4 + k (hw)^2 / a^4) >= 4 c (vk)^(1/2) hw."""
-    return 4 * c * math.sqrt(v * k) * h * w
 
 
 # ----------------------------------------------------------------------------- small helpers
 
 
-def sine_position_embedding(h: int, w: int, c: int, device=None) -> torch.Tensor:
+def detr_sine_embedding(h: int, w: int, c: int, device=None) -> torch.Tensor:
     """DETR's sine positional embedding (normalize=True, scale 2*pi, temperature 1e4).
 
     Args:
@@ -484,6 +430,16 @@ ENCODERS = {
 }
 
 
+def read_torch_file(path, what: str, kind: str, fix: str = "", error: type = ValueError):
+    """torch.load(path) to the CPU with weights_only=True (tensors and plain containers, no code run).
+    A file torch cannot read raises `error` (train.py and eval.py pass data.UserError) with one line:
+    "<what>: not a readable <kind> (<exception type>)[; <fix>]"."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated, foreign or tampered file: torch raises many different types
+        raise error(f"{what}: not a readable {kind} ({type(e).__name__})" + (f"; {fix}" if fix else "")) from None
+
+
 def imagenet_file(arch: str) -> Path:
     """Where torchvision looks for the ImageNet file: <torch hub dir>/checkpoints/<file>."""
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(ENCODERS[arch][1].url).name
@@ -550,10 +506,7 @@ class FrozenEncoder(nn.Module):
         if not path.is_file():
             raise ValueError(f"--weights {weights!r}: no such file; use auto, imagenet, none or a path "
                             f"to a {arch} state dict")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a foreign or truncated file: torch raises many different types
-            raise ValueError(f"--weights {weights}: not a readable state dict ({type(e).__name__})")
+        state = read_torch_file(path, f"--weights {weights}", "state dict")
         if not isinstance(state, dict):
             raise ValueError(f"--weights {weights}: holds a {type(state).__name__}, not a state dict")
         return state
@@ -656,7 +609,7 @@ class MultiViewFusion(nn.Module):
         candidates = candidates.reshape(B * V, (V - 1) * A)  # (B*V, M), view-major
         present = None if view_mask is None else \
             view_mask[:, other].reshape(B * V, V - 1).repeat_interleave(A, dim=1)  # (B*V, M)
-        pos = sine_position_embedding(H, W, C, device=feats.device).to(feats.dtype)  # (H, W, C)
+        pos = detr_sine_embedding(H, W, C, device=feats.device).to(feats.dtype)  # (H, W, C)
         pooled = table.mean(dim=1)  # (B*V*A, C)
         x = x.reshape(B * V, H, W, C)  # (B*V, H, W, C)
         for block in self.blocks:
@@ -800,6 +753,11 @@ class MVADConfig:
     loss_weight: float = 5.0  # multiplies the multi-scale MSE; official: 5 (ADer's L2Loss lam)
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly maps, pixels; official: 4
     mvas: bool = True  # the MVAS blocks; False: none at all, RD4AD (the "RD" column of the papers' tables)
+    # the optimiser (train.py): AdamW, betas (0.9, 0.999); official: configs/mvad/mvad_realiad.py
+    base_lr: float = 0.005  # learning rate per 16 images: lr = base_lr * images per step / 16 (ADer's rule); official: 0.005
+    weight_decay: float = 1e-4  # AdamW weight decay, on weights only (not biases and norms); official: 1e-4
+    clip: float = 5.0  # gradient-norm clip; official: 5
+    lr_decay_at: float = 0.8  # the rate drops x0.1 after this share of the epochs; official: epoch 80 of 100
 
 
 class MVAD(nn.Module):
@@ -857,10 +815,6 @@ class MVAD(nn.Module):
         teacher, student = self.features(images)
         # STEP 4: multi-scale MSE between encoder and decoder features, x5 (ADer's L2Loss lam)
         return self.cfg.loss_weight * reconstruction_loss(teacher, student)
-
-    def loss(self, images: torch.Tensor) -> torch.Tensor:
-        """The training loss by name; the same call as `model(images)`."""
-        return self(images)
 
     @torch.no_grad()
     def anomaly_map(self, images: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -47,9 +47,9 @@ from tqdm import tqdm
 
 import data
 from eval import (METHODS, PAPER_SETTINGS, PRECISIONS, EvalConfig, autocast, compile_model, distributed_run, place,
-                  protocol_note, setup_process)
+                  protocol_note, resolve_device, setup_process)
 from eval import main as evaluate_run
-from mvad import FrozenEncoder
+from mvad import FrozenEncoder, read_torch_file
 
 # The defaults that depend on the hardware: "gpu" is the papers' setting (REFERENCE 3, 4); "cpu"
 # trains and evaluates the synthetic default within about five minutes on 2 cores.
@@ -61,17 +61,6 @@ PROFILES = {
     "cpu": dict(image_size=128, batch_size=4, epochs=15, view_norm=True),
 }
 
-# Per method: AdamW with the base learning rate per 16 images (the ADer rule of the official MVAD
-# code: lr = base * images per step / 16), weight decay on weights only, step decay x0.1 at 80% of
-# the epochs, gradient-norm clip. MVAD's is the official recipe. IDIF: paper is silent; we use the
-# same recipe with a lower base rate for its attention fusion. None: a training-free method.
-OPTIMIZERS = {
-    "mvad": dict(base_lr=0.005, weight_decay=1e-4, clip=5.0),
-    "idif": dict(base_lr=0.002, weight_decay=1e-4, clip=5.0),
-    "patchcore": None,  # one pass over the training images fills its memory bank
-}
-
-
 @dataclass
 class TrainConfig:
     method: str = "idif"  # mvad | idif | patchcore
@@ -81,7 +70,7 @@ class TrainConfig:
     epochs: int | None = None  # None: the profile's (paper: 100); PatchCore has none
     batch_size: int | None = None  # samples of V views per step, over all processes (paper: 8)
     image_size: int | None = None  # input side in pixels; None: the profile's (paper: 256)
-    lr: float | None = None  # None: OPTIMIZERS' base rate x images per step / 16
+    lr: float | None = None  # None: the method config's base_lr x images per step / 16
     weights: str = "auto"  # frozen encoder: auto | imagenet | none | PATH (mvad.FrozenEncoder)
     device: str | None = None  # None: cuda if available, else cpu
     seed: int = 42  # the official MVAD seed
@@ -112,10 +101,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     """Checks the flags and fills the hardware-dependent defaults from the profile."""
     if cfg.method not in METHODS:
         raise data.UserError(f"--method {cfg.method!r} is unknown; choose one of: {', '.join(METHODS)}")
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise data.UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    profile = PROFILES["gpu" if device.startswith("cuda") else "cpu"]
+    device = resolve_device(cfg.device)
+    profile = PROFILES["gpu" if device.type == "cuda" else "cpu"]
     filled = {k: v if getattr(cfg, k) is None else getattr(cfg, k) for k, v in profile.items()}
     for name in ("epochs", "batch_size", "image_size"):
         if filled[name] < 1:
@@ -123,7 +110,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.precision not in PRECISIONS:
         raise data.UserError(f"--precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
     out = cfg.out or f"runs/{cfg.method}_{cfg.category.replace(',', '+')}"
-    return dataclasses.replace(cfg, device=device, out=out, **filled)
+    return dataclasses.replace(cfg, device=str(device), out=out, **filled)
 
 
 def model_config(cfg: TrainConfig, num_views: int):
@@ -196,15 +183,15 @@ def check_writable(out: Path) -> None:
         raise data.UserError(f"--out {out}: cannot write there ({e.strerror}); choose a writable folder")
 
 
-def default_lr(method: str, batch_size: int, views: int) -> float:
-    """The method's base rate scaled by the images per step (ADer's rule: base x images / 16)."""
-    return OPTIMIZERS[method]["base_lr"] * batch_size * views / 16
+def training_free(method: str) -> bool:
+    """True for PatchCore, whose config has no optimiser: one pass over the training images fills its memory bank."""
+    return not hasattr(METHODS[method][0], "base_lr")
 
 
-def build_optimizer(model: torch.nn.Module, method: str, lr: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices and kernels only, not on biases and norms."""
+def build_optimizer(model: torch.nn.Module, model_cfg, lr: float) -> torch.optim.AdamW:
+    """AdamW with the config's weight decay on weight matrices and kernels only, not on biases and norms."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": OPTIMIZERS[method]["weight_decay"]},
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": model_cfg.weight_decay},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
 
@@ -222,22 +209,23 @@ def build_model(cfg: TrainConfig, views: int, device) -> tuple:
     torch.manual_seed(cfg.seed)  # the model's initial weights
     model_cfg = model_config(cfg, views)
     model = place(METHODS[cfg.method][1](model_cfg), device)
-    if OPTIMIZERS[cfg.method] is None:
+    if training_free(cfg.method):
         return model_cfg, model, None
-    lr = cfg.lr or default_lr(cfg.method, cfg.batch_size, views)
-    return model_cfg, model, build_optimizer(model, cfg.method, lr)
+    lr = cfg.lr or model_cfg.base_lr * cfg.batch_size * views / 16  # ADer's rule: base rate x images / 16
+    return model_cfg, model, build_optimizer(model, model_cfg, lr)
 
 
-def train_step(net: torch.nn.Module, optimizer, batch: dict, method: str, device,
+def train_step(net: torch.nn.Module, optimizer, batch: dict, method: str, device, clip: float,
                precision: str = "fp32") -> dict[str, float]:
-    """One optimisation step (net: the model, or its DDP or torch.compile wrapper); returns the loss
-    and the parts the model reports (IDIF: L_Distill, L_IB, KL, mean Sigma) as floats. precision
-    "bf16": the forward pass under bf16 autocast (no loss scaling needed for bf16)."""
+    """One optimisation step (net: the model, or its DDP or torch.compile wrapper), the gradient norm
+    clipped at `clip`; returns the loss and the parts the model reports (IDIF: L_Distill, L_IB, KL,
+    mean Sigma) as floats. precision "bf16": the forward pass under bf16 autocast (no loss scaling
+    needed for bf16)."""
     with autocast(device, precision):
         parts = training_loss(net, batch, method, device)
     optimizer.zero_grad(set_to_none=True)
     parts["loss"].backward()
-    torch.nn.utils.clip_grad_norm_(net.parameters(), OPTIMIZERS[method]["clip"])
+    torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
     optimizer.step()
     return dict(zip(parts, torch.stack([v.detach() for v in parts.values()]).tolist()))  # one sync
 
@@ -261,11 +249,8 @@ def save_atomically(state: dict, path: Path) -> None:
 
 def load_checkpoint(path: Path, method: str | None = None) -> dict:
     """Reads a run's last.pt, with one-line errors for a corrupt file or another method's run."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, foreign or tampered files raise many different types
-        raise data.UserError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
-                             "delete it, or start a new run without --resume")
+    state = read_torch_file(path, str(path), "checkpoint", "delete it, or start a new run without --resume",
+                            data.UserError)
     if method is not None and state.get("method") != method:
         raise data.UserError(f"{path} holds a {state.get('method')!r} run, not {method!r}; "
                              "use the same --method or another --out")
@@ -389,81 +374,127 @@ def fit_batch(cfg: TrainConfig, samples: int, world: int, log) -> TrainConfig:
 
 
 def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
+    """One process's run: the data, the model, the epochs (or PatchCore's fit), the evaluation.
+    Returns eval.py's metrics dict on rank 0 ({} on the other ranks and with evaluate=False)."""
     log = print if rank == 0 else (lambda *args: None)
+    cfg, train_set = prepare_data(cfg, world, device, log)
+    model_cfg, model, optimizer = build_model(cfg, train_set[0]["images"].shape[0], device)
+    random_encoder = announce_protocol(cfg, model, log)
+    if optimizer is None:  # training-free: rank 0 fits, then every process evaluates its shard
+        if rank == 0:
+            return fit_memory_bank(cfg, model, model_cfg, random_encoder, train_set, device, log)
+        return evaluate_checkpoint(cfg, Path(cfg.out) / "last.pt", device) if cfg.evaluate else {}
+    milestone = max(1, int(model_cfg.lr_decay_at * cfg.epochs))
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [milestone], gamma=0.1)
+    start, history = resume_or_calibrate(cfg, model, optimizer, scheduler, train_set, device, rank, log)
+    net = training_net(cfg, model, device, world, log)
+    loader = training_loader(cfg, train_set, rank, world, device)
+    for epoch in range(start, cfg.epochs):
+        history.append(train_epoch(cfg, net, model, optimizer, loader, epoch, rank, world, device, model_cfg.clip))
+        scheduler.step()
+        log(f"epoch {epoch + 1}/{cfg.epochs}  " + epoch_summary(history[-1]))
+        if rank == 0:
+            save_epoch(cfg, model_cfg, model, optimizer, scheduler, history, random_encoder)
+    return evaluate_checkpoint(cfg, Path(cfg.out) / "last.pt", device) if cfg.evaluate else {}
+
+
+def prepare_data(cfg: TrainConfig, world: int, device: torch.device, log) -> tuple:
+    """Says the run's settings in one line, finds the data (Real-IAD, else the synthetic set), reads the
+    training split and fits the batch to it. Returns (the config with its data root, the split)."""
     profile = "gpu (the papers' settings)" if device.type == "cuda" else "cpu (small and quick)"
-    schedule = f"{cfg.epochs} epochs" if OPTIMIZERS[cfg.method] else "training-free"
+    schedule = "training-free" if training_free(cfg.method) else f"{cfg.epochs} epochs"
     log(f"{cfg.method} on {cfg.category}: {profile} profile: image {cfg.image_size}, batch "
         f"{cfg.batch_size}, {schedule}, view-norm {'on' if cfg.view_norm else 'off'}, device {device}, "
         f"{world} process(es)")
     root = data_root_for(cfg, log)
     cfg = dataclasses.replace(cfg, data_root=str(root))  # eval.py reads the same folder
     train_set = training_set(cfg, root)
-    cfg = fit_batch(cfg, len(train_set), world, log)
-    views = train_set[0]["images"].shape[0]
-    model_cfg, model, optimizer = build_model(cfg, views, device)
+    return fit_batch(cfg, len(train_set), world, log), train_set
+
+
+def announce_protocol(cfg: TrainConfig, model: torch.nn.Module, log) -> bool:
+    """Says in one line what in the run is not the papers' protocol (eval.protocol_note); returns
+    whether a frozen encoder is random-init (recorded in the checkpoint)."""
     random_encoder = any(m.needs_calibration for m in model.modules() if isinstance(m, FrozenEncoder))
     note = protocol_note({"method": cfg.method, "train": dataclasses.asdict(cfg), "epoch": cfg.epochs,
-                          "random_encoder": random_encoder}, root, bool(cfg.view_norm))
+                          "random_encoder": random_encoder}, Path(cfg.data_root), bool(cfg.view_norm))
     if note:
         log(note)
-    if optimizer is None:  # training-free: rank 0 fits, then every process evaluates its shard
+    return random_encoder
+
+
+def resume_or_calibrate(cfg: TrainConfig, model, optimizer, scheduler, train_set, device, rank: int,
+                        log) -> tuple[int, list]:
+    """With --resume the state of <out>/last.pt: (epochs done, history). A new run: rank 0 calibrates
+    random-init frozen encoders (DDP's constructor then copies the statistics to every rank): (0, [])."""
+    if not cfg.resume:
         if rank == 0:
-            return fit_memory_bank(cfg, model, model_cfg, random_encoder, train_set, device, log)
-        return evaluate_checkpoint(cfg, Path(cfg.out) / "last.pt", device) if cfg.evaluate else {}
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [max(1, int(0.8 * cfg.epochs))], gamma=0.1)
-    out = Path(cfg.out)
-    checkpoint_path = out / "last.pt"
+            calibrate_frozen_encoders(model, train_set, device, log)
+        return 0, []
+    path = Path(cfg.out) / "last.pt"
+    state = load_checkpoint(path, cfg.method)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    log(f"Resuming {path} after epoch {state['epoch']} of {cfg.epochs}")
+    return state["epoch"], state["history"]
 
-    start, history = 0, []
-    if cfg.resume:
-        state = load_checkpoint(checkpoint_path, cfg.method)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start, history = state["epoch"], state["history"]
-        log(f"Resuming {checkpoint_path} after epoch {start} of {cfg.epochs}")
-    elif rank == 0:  # DDP's constructor then copies rank 0's calibrated statistics to every rank
-        calibrate_frozen_encoders(model, train_set, device, log)
 
+def training_net(cfg: TrainConfig, model: torch.nn.Module, device: torch.device, world: int, log):
+    """What the steps call: the model, under DDP for several processes, compiled with --compile (the
+    checkpoints keep the plain model's state dict)."""
     net = data_parallel(model, device, world, log) if world > 1 else model
-    if cfg.compile:  # the checkpoints keep the plain model's state dict
-        net = compile_model(net, device)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True,
-                        num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    for epoch in range(start, cfg.epochs):
-        sampler.set_epoch(epoch)
-        if cfg.method == "idif":
-            train_set.set_epoch(epoch)
-        torch.manual_seed(cfg.seed + 1000 * (epoch + 1) + rank)  # dropout, DropPath, view dropout, noise
-        model.train()
-        started, sums = time.perf_counter(), {}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0, leave=False)
-        for batch in bar:
-            parts = train_step(net, optimizer, batch, cfg.method, device, cfg.precision)
-            sums = {name: sums.get(name, 0.0) + value for name, value in parts.items()}
-            bar.set_postfix(loss=f"{parts['loss']:.4f}")
-        if world > 1 and device.type != "cuda":
-            share_batchnorm_statistics(model)
-        seconds = time.perf_counter() - started
-        means = {name: total / len(loader) for name, total in sums.items()}  # loss and its parts
-        history.append({"epoch": epoch + 1, **means, "seconds": seconds,
-                        "samples_per_s": len(loader) * cfg.batch_size / seconds,  # samples trained: full batches
-                        "lr": optimizer.param_groups[0]["lr"]})  # the rate this epoch trained with
-        scheduler.step()
-        log(f"epoch {epoch + 1}/{cfg.epochs}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
-            + f"  {seconds:.1f} s  {history[-1]['samples_per_s']:.1f} samples/s")
-        if rank == 0:
-            save_atomically({"method": cfg.method, "config": dataclasses.asdict(model_cfg),
-                             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "seed": cfg.seed,
-                             "history": history, "train": dataclasses.asdict(cfg),
-                             "random_encoder": random_encoder}, checkpoint_path)
-            (out / "history.json").write_text(json.dumps(history, indent=1))
+    return compile_model(net, device) if cfg.compile else net
 
-    if not cfg.evaluate:
-        return {}
-    return evaluate_checkpoint(cfg, checkpoint_path, device)
+
+def training_loader(cfg: TrainConfig, train_set, rank: int, world: int, device: torch.device) -> DataLoader:
+    """This process's share of every batch, in an order drawn per epoch from --seed, the last partial
+    batch dropped (as the official loader)."""
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    return DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True,
+                      num_workers=cfg.workers, pin_memory=device.type == "cuda")
+
+
+def train_epoch(cfg: TrainConfig, net, model, optimizer, loader: DataLoader, epoch: int, rank: int, world: int,
+                device: torch.device, clip: float) -> dict:
+    """One epoch, every random draw seeded from (seed, epoch, rank). Returns its history entry: the
+    epoch, the mean loss and parts, seconds, samples/s and the learning rate it trained with."""
+    loader.sampler.set_epoch(epoch)
+    if cfg.method == "idif":
+        loader.dataset.set_epoch(epoch)  # the pseudo-anomalies
+    torch.manual_seed(cfg.seed + 1000 * (epoch + 1) + rank)  # dropout, DropPath, view dropout, noise
+    model.train()
+    started, sums = time.perf_counter(), {}
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0, leave=False)
+    for batch in bar:
+        parts = train_step(net, optimizer, batch, cfg.method, device, clip, cfg.precision)
+        sums = {name: sums.get(name, 0.0) + value for name, value in parts.items()}
+        bar.set_postfix(loss=f"{parts['loss']:.4f}")
+    if world > 1 and device.type != "cuda":
+        share_batchnorm_statistics(model)
+    seconds = time.perf_counter() - started
+    means = {name: total / len(loader) for name, total in sums.items()}  # loss and its parts
+    return {"epoch": epoch + 1, **means, "seconds": seconds,
+            "samples_per_s": len(loader) * cfg.batch_size / seconds,  # samples trained: full batches
+            "lr": optimizer.param_groups[0]["lr"]}  # the rate this epoch trained with
+
+
+def epoch_summary(entry: dict) -> str:
+    """The epoch's line: the mean loss and its parts, seconds, samples/s."""
+    parts = {k: v for k, v in entry.items() if k not in ("epoch", "seconds", "samples_per_s", "lr")}
+    return ("  ".join(f"{k} {v:.4f}" for k, v in parts.items())
+            + f"  {entry['seconds']:.1f} s  {entry['samples_per_s']:.1f} samples/s")
+
+
+def save_epoch(cfg: TrainConfig, model_cfg, model, optimizer, scheduler, history: list, random_encoder: bool) -> None:
+    """last.pt (atomically: everything a resumed run needs) and history.json after an epoch."""
+    out = Path(cfg.out)
+    save_atomically({"method": cfg.method, "config": dataclasses.asdict(model_cfg),
+                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": history[-1]["epoch"], "seed": cfg.seed,
+                     "history": history, "train": dataclasses.asdict(cfg),
+                     "random_encoder": random_encoder}, out / "last.pt")
+    (out / "history.json").write_text(json.dumps(history, indent=1))
 
 
 def fit_memory_bank(cfg: TrainConfig, model, model_cfg, random_encoder: bool, train_set, device: torch.device,

@@ -137,8 +137,8 @@ def step_memory(device, method: str, samples: int) -> dict:
     batch = {"images": images, "corrupted": images + 0.1 * torch.randn_like(images)}
     _, model, optimizer = train.build_model(cfg, len(data.CAMERAS), torch.device(device))
     model.train()
-    seconds, peak = common.time_and_memory(lambda: train.train_step(model, optimizer, batch, method, device),
-                                           device, repeats=1)
+    seconds, peak = common.time_and_memory(
+        lambda: train.train_step(model, optimizer, batch, method, device, model.cfg.clip), device, repeats=1)
     return {"samples": samples, "step_s": seconds, "peak_mib": peak / MIB}
 
 

@@ -73,7 +73,7 @@ def build(method: str, image_size: int, batch_size: int, device: str, layout: st
 
 def step(model, optimizer, batch, method: str, device: str) -> None:
     """One training step of train.py's loop."""
-    train.train_step(model, optimizer, batch, method, torch.device(device))
+    train.train_step(model, optimizer, batch, method, torch.device(device), model.cfg.clip)
 
 
 def part_modules(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module]]:
@@ -153,7 +153,7 @@ class PartTimer:
         # each note starts a segment of its label, up to the next note; before the first: the loss
         for (t, label), t_next in zip([(middle, "other")] + self.notes, [t for t, _ in self.notes] + [end]):
             self.backward[label] += t_next - t
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.OPTIMIZERS[method]["clip"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), model.cfg.clip)
         optimizer.step()
 
     def remove(self) -> None:

@@ -25,7 +25,7 @@ from idif import (
     on_kept_rows,
     rotate_and_project,
     sample_view_mask,
-    sine_positional_encoding,
+    grid_sine_encoding,
 )
 
 SIZE = 64  # input side in the tests: f_E / f_s grid 4x4, teacher scales 16, 8, 4
@@ -45,9 +45,9 @@ def views_batch(batch: int, views: int, seed: int = 1) -> torch.Tensor:
 # ----------------------------------------------------------------------------- helpers
 
 
-def test_sine_positional_encoding_shapes_and_cells_differ():
-    pos3d = sine_positional_encoding((4, 8, 8), C)
-    pos2d = sine_positional_encoding((2, 2), C)
+def test_grid_sine_encoding_shapes_and_cells_differ():
+    pos3d = grid_sine_encoding((4, 8, 8), C)
+    pos2d = grid_sine_encoding((2, 2), C)
     assert pos3d.shape == (256, C) and pos2d.shape == (4, C)
     assert torch.cdist(pos3d, pos3d).add(torch.eye(256)).min() > 0.1  # every cell has its own code
 
@@ -268,7 +268,7 @@ def test_dropped_view_changes_no_loss_gradient_or_statistic_in_training():
 
     def step(model, images, corrupted):
         torch.manual_seed(5)  # the CB's noise
-        loss = model.loss(images, corrupted, mask)
+        loss = model(images, corrupted, mask)["loss"]
         loss.backward()
         return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
@@ -289,7 +289,7 @@ def test_eval_mode_is_deterministic():
     model = small_model(2).eval()
     images = views_batch(2, 2)
     assert torch.equal(model.anomaly_map(images), model.anomaly_map(images))
-    assert torch.equal(model.loss(images, images), model(images, images)["loss"])
+    assert torch.equal(model(images, images)["loss"], model(images, images)["loss"])
 
 
 def test_forward_is_the_loss_and_every_parameter_takes_part():
@@ -299,7 +299,7 @@ def test_forward_is_the_loss_and_every_parameter_takes_part():
     torch.manual_seed(5)
     loss = model(images, images, mask)["loss"]
     torch.manual_seed(5)
-    assert torch.equal(loss, model.loss(images, images, mask))
+    assert torch.equal(loss, model.loss_parts(images, images, mask)["loss"])
     loss.backward()  # view 1 is dropped in both samples: its decoder runs on zero rows
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert [n for n, p in trainable if p.grad is None] == []
@@ -315,12 +315,12 @@ def test_a_few_optimiser_steps_lower_the_loss():
     def eval_loss():
         model.eval()
         with torch.no_grad():
-            return model.loss(images, corrupted).item()
+            return model(images, corrupted)["loss"].item()
 
     before = eval_loss()
     model.train()
     for _ in range(5):
-        loss = model.loss(images, corrupted)
+        loss = model(images, corrupted)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

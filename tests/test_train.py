@@ -240,7 +240,7 @@ def test_gradients_are_clipped_at_norm_5(synthetic, tmp_path):
     raw = grad_norm()
     assert raw > 10  # clipping has something to do
     torch.manual_seed(0)
-    train.train_step(model, optimizer, {"images": images}, "mvad", torch.device("cpu"))
+    train.train_step(model, optimizer, {"images": images}, "mvad", torch.device("cpu"), model.cfg.clip)
     assert grad_norm() == pytest.approx(5.0, rel=1e-4)  # the gradients the step used
 
 
@@ -306,7 +306,8 @@ def test_bf16_autocast_step_on_the_cpu(synthetic, tmp_path):
     for precision in ("fp32", "bf16"):
         _, model, optimizer = train.build_model(cfg, 5, torch.device("cpu"))
         before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-        losses.append(train.train_step(model, optimizer, batch, "mvad", torch.device("cpu"), precision)["loss"])
+        losses.append(train.train_step(model, optimizer, batch, "mvad", torch.device("cpu"), model.cfg.clip,
+                                       precision)["loss"])
         after = [p for p in model.parameters() if p.requires_grad]
         assert all(torch.isfinite(p).all() for p in after) and any((a != b).any() for a, b in zip(after, before))
     assert losses[1] == pytest.approx(losses[0], rel=0.05)  # bf16 keeps 8 bits of mantissa
