@@ -49,7 +49,10 @@ Choices where the papers are silent:
 - Decision thresholds for `predict`: the test split's F1-max thresholds (sample and image level).
 - Runs whose settings are not the papers' say so in one line, with the papers' command.
 
-Shape legend: N maps, B samples, V views, H/W map size, S samples in a dataset.
+Shape legend (the same letters in every file): B samples, V views per sample, N images ((sample, view)
+pairs, e.g. B*V; one anomaly map each), n items in a list (samples of a split, scores), C channels,
+H x W image, h x w feature map, S scales, m heads, d = C / m channels per head, T tokens per attention
+unit (an MVAS window; an IDIF view). Here n_c: the samples of one category.
 """
 import contextlib
 import copy
@@ -105,8 +108,8 @@ def auroc(scores, labels) -> float:
     """Area under the ROC curve (scikit-learn; tied scores count one half).
 
     Args:
-        scores: (N,) anomaly scores, higher = more anomalous.
-        labels: (N,) 1/True = anomalous.
+        scores: (n,) anomaly scores, higher = more anomalous.
+        labels: (n,) 1/True = anomalous.
     Returns:
         AUROC in [0, 1]; NaN when the labels hold only one class.
     """
@@ -118,8 +121,8 @@ def ap(scores, labels) -> float:
     """Average precision (scikit-learn): sum over thresholds of (R_n - R_{n-1}) P_n.
 
     Args:
-        scores: (N,) anomaly scores.
-        labels: (N,) 1/True = anomalous.
+        scores: (n,) anomaly scores.
+        labels: (n,) 1/True = anomalous.
     Returns:
         AP in [0, 1]; NaN when the labels hold only one class.
     """
@@ -132,8 +135,8 @@ def f1_max(scores, labels) -> float:
     (each distinct score is a threshold; ADer samples 21 thresholds instead and reports less).
 
     Args:
-        scores: (N,) anomaly scores.
-        labels: (N,) 1/True = anomalous.
+        scores: (n,) anomaly scores.
+        labels: (n,) 1/True = anomalous.
     Returns:
         F1-max in [0, 1]; NaN when the labels hold only one class.
     """
@@ -147,7 +150,7 @@ def f1_max(scores, labels) -> float:
 
 def f1_max_threshold(scores, labels) -> float:
     """The score at which F1 is largest (a score >= it is called anomalous): the decision
-    threshold that `predict` applies. (N,), (N,) -> float; NaN with one class only."""
+    threshold that `predict` applies. (n,), (n,) -> float; NaN with one class only."""
     scores, labels = _numpy(scores).ravel(), _numpy(labels).ravel() > 0
     if not _both_classes(labels):
         return math.nan
@@ -511,13 +514,13 @@ def drop_views_mask(num_samples: int, num_views: int, k: int, seed: int) -> torc
     """Which views survive when k random views of every sample are removed.
 
     Args:
-        num_samples: S; num_views: V; k: views to drop per sample, 0 <= k < V.
-        seed: the draw depends only on (seed, S, V, k), not on batching or workers.
+        num_samples: n; num_views: V; k: views to drop per sample, 0 <= k < V.
+        seed: the draw depends only on (seed, n, V, k), not on batching or workers.
     Returns:
-        (S, V) bool, True = present, V - k True per row.
+        (n, V) bool, True = present, V - k True per row.
     """
     generator = torch.Generator().manual_seed(seed)
-    order = torch.rand(num_samples, num_views, generator=generator).argsort(dim=1)  # (S, V) a permutation per row
+    order = torch.rand(num_samples, num_views, generator=generator).argsort(dim=1)  # (n, V) a permutation per row
     return torch.ones(num_samples, num_views, dtype=torch.bool).scatter(1, order[:, :k], False)
 
 
@@ -544,7 +547,7 @@ def camera_statistics(model, dataset, device, batch_size: int = 8, workers: int 
             scores[category][index] = row
     stats = {}
     for category, by_index in scores.items():
-        rows = torch.tensor([by_index[i] for i in sorted(by_index)])  # (S, V) in sample order
+        rows = torch.tensor([by_index[i] for i in sorted(by_index)])  # (n, V) in sample order
         stats[category] = torch.stack([rows.mean(0), rows.std(0, correction=0).clamp_min(1e-12)])  # (2, V)
     return stats
 
@@ -587,7 +590,7 @@ def gather(part, everywhere: bool = False) -> list | None:
 
 
 def level_metrics(scores, labels) -> dict:
-    """AUROC, AP and F1-max of one level's scores. (N,), (N,) -> {"auroc", "ap", "f1_max"}."""
+    """AUROC, AP and F1-max of one level's scores. (n,), (n,) -> {"auroc", "ap", "f1_max"}."""
     return {"auroc": auroc(scores, labels), "ap": ap(scores, labels), "f1_max": f1_max(scores, labels)}
 
 
@@ -723,7 +726,7 @@ def merge_shards(shards: list[dict], num_figures: int) -> tuple[dict, dict, list
         num_figures: pictures to keep.
     Returns:
         pixels: {category: PixelMetrics}, merged (exact, PixelMetrics.merge).
-        rows: {category: {"scores", "labels", "classes", "present": (S_c, V)}}, in sample order.
+        rows: {category: {"scores", "labels", "classes", "present": (n_c, V)}}, in sample order.
         examples: the first `num_figures` defective samples in split order, then the first normal ones.
     """
     pixels, columns = {}, defaultdict(lambda: defaultdict(list))
@@ -738,7 +741,7 @@ def merge_shards(shards: list[dict], num_figures: int) -> tuple[dict, dict, list
                 columns[category][name].append(value)
     rows = {}
     for category, values in columns.items():
-        order = torch.cat(values.pop("index")).argsort()  # (S_c,) back into the split's order
+        order = torch.cat(values.pop("index")).argsort()  # (n_c,) back into the split's order
         rows[category] = {name: torch.cat(parts)[order] for name, parts in values.items()}
     examples = sorted((ex for part in shards for ex in part["examples"]), key=lambda ex: ex["index"])
     defective, normal = [ex for ex in examples if ex["label"]], [ex for ex in examples if not ex["label"]]
@@ -750,7 +753,7 @@ def summarise(pixels: dict, gathered: dict) -> tuple[dict, dict, dict]:
 
     Args:
         pixels: {category: PixelMetrics}. gathered: {category: {"scores", "labels", "classes",
-            "present": (S_c, V) tensors}} (image scores, image labels, JSON classes, views kept).
+            "present": (n_c, V) tensors}} (image scores, image labels, JSON classes, views kept).
     Returns:
         (metrics, levels, decision) as in evaluate().
     """
@@ -798,16 +801,17 @@ def framed(anomaly_map: np.ndarray, image_path: str) -> np.ndarray:
     """The map laid over the whole image, for ADEval, which resizes it to the image: our map covers
     the centred square crop the model saw (data.resize_crop); a non-square image gets a frame of its
     shape at the map's scale, filled with the map's smallest score (pixels the model never saw).
-    (S, S) -> (H', W') with H' / W' = the image's aspect."""
+    (H, W) square -> (H', W') with H' / W' = the image's aspect."""
     with Image.open(image_path) as image:
-        w, h = image.size
-    S = anomaly_map.shape[0]
-    if w == h:
+        width, height = image.size
+    side = anomaly_map.shape[0]
+    if width == height:
         return anomaly_map
-    rows, cols = max(S, round(h * S / min(h, w))), max(S, round(w * S / min(h, w)))
-    top, left = (rows - S) // 2, (cols - S) // 2
+    short = min(height, width)
+    rows, cols = max(side, round(height * side / short)), max(side, round(width * side / short))
+    top, left = (rows - side) // 2, (cols - side) // 2
     frame = np.full((rows, cols), anomaly_map.min(), dtype=anomaly_map.dtype)
-    frame[top:top + S, left:left + S] = anomaly_map
+    frame[top:top + side, left:left + side] = anomaly_map
     return frame
 
 
@@ -1216,9 +1220,9 @@ def predict(cfg: PredictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for key, paths in samples:
-        images = torch.stack([predict_image(p, size) for p in paths])  # (V, 3, S, S)
+        images = torch.stack([predict_image(p, size) for p in paths])  # (V, 3, H, W)
         with torch.inference_mode():
-            maps = model.anomaly_map(data.normalize(images)[None].to(device)).float().cpu()[0]  # (V, S, S)
+            maps = model.anomaly_map(data.normalize(images)[None].to(device)).float().cpu()[0]  # (V, H, W)
         scores = image_scores(maps)  # (V,)
         if decision["view_stats"] is not None:
             mean, std = torch.tensor(decision["view_stats"])  # (V,) each
@@ -1228,7 +1232,7 @@ def predict(cfg: PredictConfig) -> dict:
                   "picture": f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png",
                   "views": [{"path": str(p), "score": float(x),
                              "anomalous": bool(x >= decision["image_threshold"])} for p, x in zip(paths, scores)]}
-        rgb = images.permute(0, 2, 3, 1).numpy()  # (V, S, S, 3)
+        rgb = images.permute(0, 2, 3, 1).numpy()  # (V, H, W, 3)
         plot_prediction(rgb, maps.numpy(), result, decision, out / result["picture"])
         results.append(result)
         print(f"{key}: {'ANOMALOUS' if result['anomalous'] else 'normal'} (score {result['score']:.3f})")

@@ -1,13 +1,12 @@
 """IDIF: Intra-view Decoupling and Inter-view Fusion for multi-view anomaly detection.
 
 Mao et al., "Unveiling Multi-View Anomaly Detection: Intra-view Decoupling and Inter-view Fusion",
-AAAI 2025 ("the paper" below). No official code is released (github.com/Kerio99/IDIF holds only a
-README), so this file follows the paper's text; every line marked "our choice" is ours. Denoising
-knowledge distillation in the style of DeSTSeg (Zhang et al., "DeSTSeg: Segmentation Guided
-Denoising Student-Teacher for Anomaly Detection", CVPR 2023, github.com/apple/ml-destseg): a frozen
-teacher sees the clean views, a student sees pseudo-anomalous views (DRAEM's recipe: Zavrtanik et
-al., "DRAEM: A Discriminatively Trained Reconstruction Embedding for Surface Anomaly Detection",
-ICCV 2021; data.PseudoAnomalies) and must reproduce the teacher's features of the clean ones.
+AAAI 2025 ("the paper" below; the AAAI proceedings, no arXiv id is cited here). No official code is
+released (github.com/Kerio99/IDIF holds only a README), so this file follows the paper's text. Denoising
+knowledge distillation in the style of DeSTSeg (Zhang et al., CVPR 2023, arXiv:2211.11317,
+github.com/apple/ml-destseg): a frozen teacher sees the clean views, a student sees pseudo-anomalous
+views (DRAEM's recipe: Zavrtanik et al., ICCV 2021, arXiv:2108.07610; data.PseudoAnomalies) and must
+reproduce the teacher's features of the clean ones.
 Between the student's encoder and its decoders (c: the bottleneck's latent sample, L channels; f_c:
 its decoding to the C channels of f_E, the tensor that is subtracted):
 
@@ -25,13 +24,15 @@ Anomaly map of a view: the mean over the three scales of 1 - cos(f_tea, f_stu), 
 input (bilinear, mvad.cosine_distance_map), Gaussian-smoothed (sigma 4). In training each view is
 dropped with p = 0.2 (View-wise Dropout, the paper's rate); the dropped views' images are never read.
 
-Shape legend:
-    B samples, V views, K kept (sample, view) pairs, H = W input side, C = 256 channels of the
-    student's stage 3 (= voxel width), h = w = H / 16 the f_E / f_s grid, L latent channels of the
-    bottleneck, D x Hv x Wv voxel grid, p patch side, T = (h / p) * (w / p) tokens per view,
-    n heads, d = C / n head width, C_s x h_s x w_s one teacher scale (64 x H/4, 128 x H/8, 256 x H/16).
+Shape legend (the same letters in every file): B samples, V views per sample, N images ((sample, view)
+pairs, e.g. B*V), n items in a list (samples of a split, scores), C channels, H x W image, h x w feature
+map, S scales, m heads, d = C / m channels per head, T tokens per attention unit (an MVAS window; an
+IDIF view). Here: C = 256 (the student's stage 3 = the voxel width), h = w = H / 16 the f_E / f_s
+grid, T = (h / p) * (w / p), p patch side, L latent channels of the CB, Dv x Hv x Wv voxel cells,
+Tq / Tk query / key tokens, C_s x h_s x w_s teacher scale s (64 x H/4, 128 x H/8, 256 x H/16).
 
 Run: `python train.py --method idif --category zipper`; tests: `python -m pytest tests/test_idif.py`.
+A bad argument raises ValueError (Python's type for it; the command lines print it as one line).
 Ablations (IDIFConfig switches, `--set NAME=false`): bottleneck=false removes the CB (f_c = 0,
 f_s = f_E, no L_IB); fusion=false removes the IVC and the STN (f_p^(v) = f_s^(v), each decoder sees
 its own view only); both false is the paper's per-view denoising-student ensemble (its ablation
@@ -75,10 +76,10 @@ alpha = beta = 1; View-wise Dropout p = 0.2. Everything below is our choice wher
   train.py logs the KL and the mean Sigma per epoch (history.json) whatever the weight.
   The deck spells L_IB "intra-batch consistency loss"; we read IB as information bottleneck, the
   CB's role (compress what the views share into the low-dimensional c).
-- IVC: a 4 x 8 x 8 voxel of width 256, 2 pre-norm fusion blocks, 8 heads, FFN width 4C with GELU.
+- IVC: a 4 x 8 x 8 (Dv x Hv x Wv) voxel of width 256, 2 pre-norm fusion blocks, 8 heads, FFN width 4C with GELU.
   P_0 is learned (initialised N(0, 0.02^2)); the 3D positional encoding and the tokens' 2D one are
   fixed sine-cosine encodings in normalised coordinates, so that the voxel's 8x8 plane and the
-  token grid share one frame (one helper for both, since mvad.sine_position_embedding is 2D only).
+  token grid share one frame (`grid_sine_encoding` for both; mvad.detr_sine_embedding is 2D only).
   We patchify f_s with a 2x2 stride-2 convolution (16x16 -> 8x8 tokens per view at 256 input) and
   add a learnable encoding per view.
 - Masked-view attention: a sample whose views are all masked gets a zero attention output (plain
@@ -138,15 +139,15 @@ def grid_sine_encoding(grid: tuple[int, ...], dim: int) -> torch.Tensor:
     10000^(-2i / width) as in the Transformer.
 
     Args:
-        grid: the sizes (G_1, ..., G_k) of the axes, e.g. (D, Hv, Wv) or (h / p, w / p).
-        dim: channels (even, at least 2k).
+        grid: the sizes (G_1, ..., G_j) of the axes, e.g. (Dv, Hv, Wv) or (h / p, w / p).
+        dim: channels (even, at least 2j).
     Returns:
-        (G_1 * ... * G_k, dim), cells in row-major order.
+        (G_1 * ... * G_j, dim), cells in row-major order.
     """
     share = 2 * (dim // (2 * len(grid)))
     widths = [dim - share * (len(grid) - 1)] + [share] * (len(grid) - 1)
     axes = [(torch.arange(g) + 0.5) / g * 2 * math.pi for g in grid]
-    coords = torch.meshgrid(*axes, indexing="ij")  # k x (G_1, ..., G_k)
+    coords = torch.meshgrid(*axes, indexing="ij")  # j x (G_1, ..., G_j)
     parts = []
     for coord, width in zip(coords, widths):
         freqs = 10000.0 ** (-torch.arange(width // 2) * 2 / width)  # (width / 2,)
@@ -176,16 +177,16 @@ def on_kept_rows(net, x: torch.Tensor, keep: torch.Tensor):
     gradient, and a BatchNorm in training mode takes its statistics over the kept rows alone.
 
     Args:
-        net: maps (K, ...) to a tensor (K, ...) or a list of such tensors.
-        x: (*M, ...) with M = keep.shape, e.g. (B, V, 3, H, W) with keep (B, V).
-        keep: bool of shape M; K = keep.sum() rows are computed (K = 0 is allowed).
+        net: maps (N, ...) to a tensor (N, ...) or a list of such tensors.
+        x: (*keep.shape, ...), e.g. (B, V, 3, H, W) with keep (B, V).
+        keep: bool; N = keep.sum() rows (images) are computed (N = 0 is allowed).
     Returns:
-        like net's output, each tensor (*M, ...).
+        like net's output, each tensor (*keep.shape, ...).
     """
-    out = net(x[keep])  # (K, ...) or a list of them
+    out = net(x[keep])  # (N, ...) or a list of them
 
     def scatter(rows: torch.Tensor) -> torch.Tensor:
-        full = rows.new_zeros(*keep.shape, *rows.shape[1:])  # (*M, ...)
+        full = rows.new_zeros(*keep.shape, *rows.shape[1:])  # (*keep.shape, ...)
         full[keep] = rows
         return full
 
@@ -211,39 +212,39 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Masked-view attention: softmax(M + Q K^T / sqrt(d)) V, M = -inf on the masked key columns.
 
     Args:
-        q: (N, n, Tq, d) queries of n heads.
-        k, v: (N, n, Tk, d) keys and values.
-        key_mask: (N, Tk) bool, True = the key may be attended to; None = every key.
+        q: (B, m, Tq, d) queries of m heads.
+        k, v: (B, m, Tk, d) keys and values.
+        key_mask: (B, Tk) bool, True = the key may be attended to; None = every key.
     Returns:
-        (N, n, Tq, d). A sample with no key left gets a zero output (plain softmax would give NaN).
+        (B, m, Tq, d). A sample with no key left gets a zero output (plain softmax would give NaN).
     """
-    logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (N, n, Tq, Tk)
+    logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, m, Tq, Tk)
     if key_mask is None:
         return logits.softmax(dim=-1) @ v
-    has_key = key_mask.any(dim=1)  # (N,)
+    has_key = key_mask.any(dim=1)  # (B,)
     M = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
-    M = M.masked_fill(~key_mask, float("-inf"))  # (N, Tk)
+    M = M.masked_fill(~key_mask, float("-inf"))  # (B, Tk), the paper's mask M
     M = M.masked_fill(~has_key[:, None], 0.0)  # finite logits for a fully masked sample, zeroed below
-    attn = (M[:, None, None, :] + logits).softmax(dim=-1)  # (N, n, Tq, Tk)
-    return (attn @ v).where(has_key[:, None, None, None], 0.0)  # (N, n, Tq, d)
+    attn = (M[:, None, None, :] + logits).softmax(dim=-1)  # (B, m, Tq, Tk)
+    return (attn @ v).where(has_key[:, None, None, None], 0.0)  # (B, m, Tq, d)
 
 
 def rotate_and_project(voxel: torch.Tensor, theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """STN re-projection: turn the voxel by each view's azimuth about its height axis, average over
     depth, resize to the f_s grid.
 
-    In affine_grid's normalised coordinates (x: Wv, y: Hv pointing down, z: D), a view at theta
+    In affine_grid's normalised coordinates (x: Wv, y: Hv pointing down, z: Dv), a view at theta
     samples the voxel at R(theta) (x, y, z): at theta = 0 it looks along the depth axis; theta grows
     counter-clockwise seen from above, like the azimuths of data.CAMERA_POSES.
 
     Args:
-        voxel: (B, C, D, Hv, Wv) the fused voxel P_n.
+        voxel: (B, C, Dv, Hv, Wv) the fused voxel P_n.
         theta: (V,) theta^(v), the azimuth of each view in radians.
         size: (h, w) the f_s grid.
     Returns:
         (B, V, C, h, w) f_p, the voxel as seen from each view.
     """
-    B, C, D, Hv, Wv = voxel.shape
+    B, C, Dv, Hv, Wv = voxel.shape
     V = theta.shape[0]
     cos, sin = theta.cos(), theta.sin()
     zero, one = torch.zeros_like(theta), torch.ones_like(theta)
@@ -251,9 +252,9 @@ def rotate_and_project(voxel: torch.Tensor, theta: torch.Tensor, size: tuple[int
                           torch.stack([zero, one, zero, zero], dim=-1),
                           torch.stack([sin, zero, cos, zero], dim=-1)], dim=1)  # (V, 3, 4), y fixed
     affine = affine.repeat(B, 1, 1)  # (B*V, 3, 4), sample-major
-    volume = voxel.repeat_interleave(V, dim=0)  # (B*V, C, D, Hv, Wv)
-    grid = F.affine_grid(affine, list(volume.shape), align_corners=False)  # (B*V, D, Hv, Wv, 3)
-    rotated = F.grid_sample(volume, grid, align_corners=False)  # (B*V, C, D, Hv, Wv)
+    volume = voxel.repeat_interleave(V, dim=0)  # (B*V, C, Dv, Hv, Wv)
+    grid = F.affine_grid(affine, list(volume.shape), align_corners=False)  # (B*V, Dv, Hv, Wv, 3)
+    rotated = F.grid_sample(volume, grid, align_corners=False)  # (B*V, C, Dv, Hv, Wv)
     plane = rotated.mean(dim=2)  # (B*V, C, Hv, Wv)
     plane = F.interpolate(plane, size=size, mode="bilinear", align_corners=False)  # (B*V, C, h, w)
     return plane.view(B, V, C, *size)
@@ -358,7 +359,7 @@ class ConsistencyBottleneck(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention around masked_attention: (N, Tq, C) queries x (N, Tk, C) context -> (N, Tq, C)."""
+    """Multi-head attention around masked_attention: (B, Tq, C) queries x (B, Tk, C) context -> (B, Tq, C)."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -368,12 +369,12 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None = None):
-        N, Tq, C = x.shape
-        Tk, n = context.shape[1], self.heads
-        q = self.q(x).view(N, Tq, n, C // n).transpose(1, 2)  # (N, n, Tq, d)
-        k, v = self.kv(context).view(N, Tk, 2, n, C // n).permute(2, 0, 3, 1, 4)  # 2 x (N, n, Tk, d)
-        out = masked_attention(q, k, v, key_mask)  # (N, n, Tq, d)
-        return self.out(out.transpose(1, 2).reshape(N, Tq, C))  # (N, Tq, C)
+        B, Tq, C = x.shape
+        Tk, m = context.shape[1], self.heads
+        q = self.q(x).view(B, Tq, m, C // m).transpose(1, 2)  # (B, m, Tq, d)
+        k, v = self.kv(context).view(B, Tk, 2, m, C // m).permute(2, 0, 3, 1, 4)  # 2 x (B, m, Tk, d)
+        out = masked_attention(q, k, v, key_mask)  # (B, m, Tq, d)
+        return self.out(out.transpose(1, 2).reshape(B, Tq, C))  # (B, Tq, C)
 
 
 class FusionBlock(nn.Module):
@@ -390,11 +391,11 @@ class FusionBlock(nn.Module):
 
     def forward(self, voxel: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """Args:
-            voxel: (B, D*Hv*Wv, C) the voxel P_i as tokens.
+            voxel: (B, Dv*Hv*Wv, C) the voxel P_i as tokens.
             tokens: (B, V*T, C) the view-specific tokens of all views.
             token_mask: (B, V*T) bool, False on the tokens of dropped views.
         Returns:
-            (B, D*Hv*Wv, C) P_{i+1}.
+            (B, Dv*Hv*Wv, C) P_{i+1}.
         """
         # STEP 1: P' = FFN(SelfAttn(P)): the voxel's cells exchange information
         x = self.norm1(voxel)
@@ -427,7 +428,7 @@ class ImplicitVoxel(nn.Module):
             f_s: (B, V, C, h, w) view-specific features.
             view_mask: (B, V) bool, True = view kept.
         Returns:
-            (B, C, D, Hv, Wv) the fused voxel P_n.
+            (B, C, Dv, Hv, Wv) the fused voxel P_n.
         """
         B, V, C, h, w = f_s.shape
         # STEP 1: patchify the kept views' f_s into a 1D token sequence + 2D positional + view encodings
@@ -437,13 +438,13 @@ class ImplicitVoxel(nn.Module):
         tokens = (tokens + self.view_embed[:, None, :]).reshape(B, V * T, C)  # (B, V*T, C)
         token_mask = view_mask.repeat_interleave(T, dim=1)  # (B, V*T)
         # STEP 2: the prototype P_0 + 3D positional encoding, the same for every sample
-        voxel = (self.prototype + self.voxel_pos).expand(B, -1, -1)  # (B, D*Hv*Wv, C)
+        voxel = (self.prototype + self.voxel_pos).expand(B, -1, -1)  # (B, Dv*Hv*Wv, C)
         # STEP 3: the fusion blocks, P_0 -> P_n
         for block in self.blocks:
-            voxel = block(voxel, tokens, token_mask)  # (B, D*Hv*Wv, C)
+            voxel = block(voxel, tokens, token_mask)  # (B, Dv*Hv*Wv, C)
         voxel = self.norm(voxel)
         # STEP 4: reshape the token sequence into the 3D voxel
-        return voxel.transpose(1, 2).reshape(B, C, *self.voxel_size)  # (B, C, D, Hv, Wv)
+        return voxel.transpose(1, 2).reshape(B, C, *self.voxel_size)  # (B, C, Dv, Hv, Wv)
 
 
 class STN(nn.Module):
@@ -454,7 +455,7 @@ class STN(nn.Module):
         self.theta = nn.Parameter(torch.arange(num_views) * 2 * math.pi / num_views)  # (V,) evenly over 2 pi
 
     def forward(self, voxel: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """(B, C, D, Hv, Wv) -> (B, V, C, h, w) with (h, w) = size."""
+        """(B, C, Dv, Hv, Wv) -> (B, V, C, h, w) with (h, w) = size."""
         return rotate_and_project(voxel, self.theta, size)
 
 
@@ -489,7 +490,7 @@ class IDIFConfig:
     bottleneck: bool = True  # the Consistency Bottleneck; False: f_c = 0, f_s = f_E, no L_IB (paper's ablation)
     fusion: bool = True  # the IVC and the STN; False: each decoder gets its own view's f_s (+ f_c) only
     latent_channels: int = 64  # L, channels of the bottleneck's latent c (paper is silent)
-    voxel_size: tuple[int, int, int] = (4, 8, 8)  # (D, Hv, Wv) voxel cells of width 256 (paper is silent)
+    voxel_size: tuple[int, int, int] = (4, 8, 8)  # (Dv, Hv, Wv) voxel cells of width 256 (paper is silent)
     patch_size: int = 2  # f_s patch side per token: 16x16 -> 8x8 tokens per view at 256 (paper is silent)
     fusion_blocks: int = 2  # IVC fusion blocks (paper is silent)
     heads: int = 8  # attention heads in the fusion blocks (paper is silent)
@@ -513,7 +514,7 @@ class IDIF(nn.Module):
         stride = 16 * cfg.patch_size
         if cfg.image_size % stride:
             raise ValueError(f"image_size {cfg.image_size} must be a multiple of {stride} for IDIF "
-                            f"(16 x patch_size {cfg.patch_size}); use e.g. --image-size 128 or 256")
+                             f"(16 x patch_size {cfg.patch_size}); use e.g. --image-size 128 or 256")
         if not 0 <= cfg.view_dropout < 1:
             raise ValueError(f"view_dropout {cfg.view_dropout} must be in [0, 1); the paper uses 0.2")
         self.cfg = cfg
@@ -532,19 +533,19 @@ class IDIF(nn.Module):
 
     def check_inputs(self, images: torch.Tensor, view_mask: torch.Tensor | None) -> None:
         """Raises ValueError when images (B, V, 3, H, W) or view_mask (B, V) do not fit the model."""
-        V, S = self.cfg.num_views, self.cfg.image_size
-        if images.dim() != 5 or tuple(images.shape[1:]) != (V, 3, S, S):
+        V, size = self.cfg.num_views, self.cfg.image_size
+        if images.dim() != 5 or tuple(images.shape[1:]) != (V, 3, size, size):
             raise ValueError(f"IDIF got images of shape {tuple(images.shape)}; it was built for "
-                            f"(B, {V}, 3, {S}, {S}) (IDIFConfig num_views={V}, image_size={S}); "
+                             f"(B, {V}, 3, {size}, {size}) (IDIFConfig num_views={V}, image_size={size}); "
                             "resize the views or build the model with matching settings")
         if view_mask is None:
             return
         if view_mask.dtype != torch.bool or tuple(view_mask.shape) != tuple(images.shape[:2]):
             raise ValueError(f"view_mask must be a bool tensor of shape {tuple(images.shape[:2])} "
-                            f"(True = view present), got {view_mask.dtype} {tuple(view_mask.shape)}")
+                             f"(True = view present), got {view_mask.dtype} {tuple(view_mask.shape)}")
         if not view_mask.any(dim=1).all():
             raise ValueError("view_mask marks every view of a sample absent; IDIF needs at least one "
-                            "present view per sample")
+                             "present view per sample")
 
     def decoder_input(self, f_E: torch.Tensor, view_mask: torch.Tensor):
         """The CB, the IVC and the STN, each skipped when switched off.
@@ -561,7 +562,7 @@ class IDIF(nn.Module):
         f_p = f_s  # without fusion each view keeps its own f_s
         if self.implicit_voxel is not None:
             # STEP 2: inter-view fusion (IVC): P_0 -> P_n with the kept views' f_s
-            voxel = self.implicit_voxel(f_s, view_mask)  # (B, C, D, Hv, Wv)
+            voxel = self.implicit_voxel(f_s, view_mask)  # (B, C, Dv, Hv, Wv)
             # STEP 3: f_p^(v) = STN^(v)(P_n, theta^(v))
             f_p = self.stn(voxel, f_E.shape[-2:])  # (B, V, C, h, w)
         return (f_p if f_c is None else f_p + f_c[:, None]), latent  # (B, V, C, h, w)
@@ -606,7 +607,7 @@ class IDIF(nn.Module):
         self.check_inputs(images, view_mask)
         if corrupted.shape != images.shape:
             raise ValueError(f"corrupted views of shape {tuple(corrupted.shape)} must match images "
-                            f"{tuple(images.shape)}")
+                             f"{tuple(images.shape)}")
         B, V = images.shape[:2]
         if view_mask is None:  # view-wise dropout in training mode, every view otherwise
             view_mask = (sample_view_mask(B, V, self.cfg.view_dropout, images.device) if self.training

@@ -1,44 +1,37 @@
 """MVAD: multi-view anomaly detection with Multi-View Adaptive Selection (MVAS), in plain PyTorch.
 
-Paper: H. He, J. Zhang, G. Tian, C. Wang, L. Xie, "Learning Multi-view Anomaly Detection with
-Efficient Adaptive Selection", IEEE TMM (arXiv 2407.11935). Official code: lewandofskee/MVAD (built
-on ADer). Where the paper and the code differ we follow the code and say so at the line.
+Paper: H. He, J. Zhang, G. Tian, C. Wang, L. Xie, "Learning Multi-view Anomaly Detection with Efficient
+Adaptive Selection", arXiv:2407.11935 (IEEE TMM). Official code: github.com/lewandofskee/MVAD
+(model/mvad.py, on the ADer framework). Where paper and code differ we follow the code, said at the line.
+RD4AD: Deng and Li, "Anomaly Detection via Reverse Distillation from One-Class Embedding",
+arXiv:2201.10703. Data: Real-IAD, arXiv:2403.12580, github.com/Tencent/AnomalyDetection_Real-IAD.
 
-The model is RD4AD-style reverse distillation with MVAS inserted before the bottleneck:
+The method in five steps (the STEP comments of `MVAD.features`, `forward` and `anomaly_map`):
+    STEP 1  images (B, V, 3, H, W) -> frozen ResNet34, stages 1-3 (the teacher): 64@H/4, 128@H/8, 256@H/16
+    STEP 2  per scale, MVAS blocks (paper: "Overall Architecture", X_o = LN(MVAS(X_i + P)) + X_i): each
+            view's windows attend to the top-k windows of the other views (`mvas_attention`)
+    STEP 3  OCBE bottleneck (512@H/32) -> de-ResNet34 decoder (the student): the three teacher scales
+    STEP 4  loss = 5 * sum over scales of MSE(teacher, student) (paper: "Multi-Scale MSE")
+    STEP 5  anomaly map = sum over scales of upsampled (1 - cos(teacher, student)) / 9, Gaussian sigma 4;
+            image score = max of its map, sample score = max over its views (eval.py)
 
-    images (B, V, 3, H, W) -> frozen ResNet34, stages 1-3 (the teacher): 64@H/4, 128@H/8, 256@H/16
-      -> per scale, MVAS blocks: every view in turn is the query, the other views' raw features
-         are the keys/values, each query window attends only to its top-k windows of the other views
-      -> OCBE bottleneck (512@H/32) -> de-ResNet34 decoder (the student): the three teacher scales
-    loss        = 5 * sum over scales of MSE(teacher, student)
-    anomaly map = sum over scales of (1 - cosine(teacher, student)) upsampled, / 9, Gaussian sigma 4;
-    image score = max of its map, sample score = max over its views (eval.py)
-
-Shape legend: B samples, V views per sample, N images (B*V) or query views in MVAS, C channels,
-H, W height and width, a = n_win windows per side (a*a windows: the paper's a^2), T tokens per
-window, k top-k windows, m heads, d = C / m channels per head, S scales.
+Shape legend (the same letters in every file): B samples, V views per sample, N images ((sample, view)
+pairs, e.g. B*V), n items in a list (samples of a split, scores), C channels, H x W image, h x w feature
+map, S scales, m heads, d = C / m channels per head, T tokens per attention unit (an MVAS window; an
+IDIF view). Here also: a = n_win windows per side, A = a*a windows, Q query windows holding image
+tokens, k top-k windows, M = (V-1) A candidate windows, R rows of the key/value window table.
 
 Run: `python train.py --method mvad --category zipper`; tests: `python -m pytest tests/test_mvad.py`.
+A bad argument raises ValueError (Python's type for it; the command lines print it as one line).
 
-Choices where the paper is silent, and our extensions:
-- Missing views (`view_mask`, our extension): the windows of a missing view get routing logit -inf,
-  so they are never selected while k windows of present views exist; if fewer remain, the selected
-  windows of missing views are masked out of the attention; with no other view present the MVAS
-  output is zero (the block then reduces to its norms and MLP). A missing view therefore has no
-  influence on the present views. Maps of missing views are returned as zeros.
+Our choices where the paper is silent, and our extensions:
+- Missing views (`view_mask`): never selected while k present windows exist, masked otherwise; maps zero.
 - top-k is clamped to the number of candidate windows (the official code fails when k exceeds it).
-- Encoder: torchvision's ResNet34 (IMAGENET1K_V1) stands in for timm's `resnet34.bt_in1k`. Without
-  the ImageNet file (offline) `weights="auto"` falls back to a random-init encoder whose BatchNorm
-  statistics are re-estimated once on the training images (REFERENCE section 6: sample AUROC 0.78
-  uncalibrated vs 0.98 calibrated).
-- The positional embedding is computed for the actual feature size (the official code hard-codes
-  64/32/16, i.e. 256 px inputs), so small images work in tests.
-- `mvas=False` (our ablation switch): no MVAS block exists; the encoder's features go straight to
-  the OCBE. That is RD4AD (Deng and Li, CVPR 2022), the "RD" column of the papers' tables, with
-  MVAD's OCBE (RD4AD's own OCBE concatenates the three scales instead of adding them), so that the
-  two models differ by the MVAS blocks alone.
-- `backbone="wide_resnet50_2"`: the fusion widens with the encoder (channels 256/512/1024) and the
-  decoder mirrors it with RD4AD's de-bottleneck blocks (de-WideResNet50-2), as RD4AD does.
+- Encoder: torchvision's ResNet34 (IMAGENET1K_V1) for timm's `resnet34.bt_in1k`; offline, a random-init
+  one whose BatchNorm statistics are calibrated on the training images (`FrozenEncoder.calibrate`).
+- The positional embedding is computed for the actual feature size (official: fixed for 256 px inputs).
+- `mvas=False`: no MVAS blocks, RD4AD with MVAD's OCBE (the papers' "RD" column).
+- `backbone="wide_resnet50_2"`: channels 256/512/1024 and RD4AD's de-WideResNet50-2 decoder.
 """
 import math
 import sys
@@ -66,21 +59,21 @@ def window_grid(h: int, w: int, n_win: int) -> tuple[int, int, int, int]:
 
 
 def window_partition(x: torch.Tensor, n_win: int, image_only: bool = False) -> torch.Tensor:
-    """Zero-pads H and W at the bottom/right to a multiple of n_win and cuts n_win x n_win windows.
+    """Zero-pads h and w at the bottom/right to a multiple of n_win and cuts n_win x n_win windows.
 
     Args:
-        x: (..., H, W, C) feature map(s), channels last.
+        x: (..., h, w, C) feature map(s), channels last.
         n_win: a, the number of windows per side (not the window size).
         image_only: keep only the rows x cols windows that hold image tokens (`window_grid`):
             what `mvas_attention` needs of the query, whose padding-only windows are cropped away.
     Returns:
-        (..., a*a, T, C) (image_only: (..., rows*cols, T, C)) with T = ceil(H/a) * ceil(W/a);
+        (..., a*a, T, C) (image_only: (..., rows*cols, T, C)) with T = ceil(h/a) * ceil(w/a);
         windows row-major, tokens inside a window row-major (the official order).
     """
-    *lead, H, W, C = x.shape
-    th, tw, rows, cols = window_grid(H, W, n_win)
+    *lead, h, w, C = x.shape
+    th, tw, rows, cols = window_grid(h, w, n_win)
     rows, cols = (rows, cols) if image_only else (n_win, n_win)
-    x = F.pad(x, (0, 0, 0, cols * tw - W, 0, rows * th - H))  # (..., Hp, Wp, C), zeros at the bottom/right
+    x = F.pad(x, (0, 0, 0, cols * tw - w, 0, rows * th - h))  # (..., hp, wp, C), zeros at the bottom/right
     x = x.reshape(*lead, rows, th, cols, tw, C).transpose(-4, -3)  # (..., rows, cols, th, tw, C)
     return x.reshape(*lead, rows * cols, th * tw, C)  # (..., rows*cols, T, C)
 
@@ -100,7 +93,7 @@ def window_unpartition(windows: torch.Tensor, n_win: int, h: int, w: int) -> tor
     th, tw, rows, cols = window_grid(h, w, n_win)
     rows, cols = (rows, cols) if n == rows * cols else (n_win, n_win)
     x = windows.reshape(*lead, rows, cols, th, tw, C).transpose(-4, -3)  # (..., rows, th, cols, tw, C)
-    x = x.reshape(*lead, rows * th, cols * tw, C)  # (..., Hp, Wp, C)
+    x = x.reshape(*lead, rows * th, cols * tw, C)  # (..., hp, wp, C)
     return x[..., :h, :w, :]  # (..., h, w, C)
 
 
@@ -156,15 +149,16 @@ def mvas_windows(q: torch.Tensor, table: torch.Tensor, pooled: torch.Tensor, can
     """
     N, A, T, C = q.shape  # A = Q query windows
     d = C // num_heads
-    # STEP 2: routing, A_c and I_m^K = TopK_Index(A_c) (see `mvas_routing`)
+    # STEP 2 (arXiv:2407.11935, MVAS, "Multi-View Windows Adaptive Selection"): A_c, I_m^K = TopK_Index(A_c)
     _, index = mvas_routing(q.detach().mean(dim=2), pooled[candidates], topk, present)  # (N, A, k)
     k = index.shape[-1]
     rows = candidates.gather(1, index.flatten(1))  # (N, A*k) table rows of the selected windows
 
-    # STEP 3: gather the selected windows' raw tokens, K_m^K = V_m^K: whole windows at once
+    # STEP 3 (same section): gather the selected windows' raw tokens, K_m^K = V_m^K: whole windows at once
     selected = table.index_select(0, rows.flatten()).view(N * A, k * T, C)  # (N*A, k*T, C)
 
-    # STEP 4: X_s^o = Attention(Q_s, K_m^K, V_m^K) per window, m heads, no projections; scale C^-0.5
+    # STEP 4 ("Neighbourhood Correlative Cross-Attention"): X_s^o = Attention(Q_s, K_m^K, V_m^K) per window,
+    # m heads, no projections; scale C^-0.5
     # (see mvas_attention); padded zero tokens are not masked (as in the official code)
     q = q.reshape(N * A, T, num_heads, d).transpose(1, 2)  # (N*A, m, T, d), a view
     kv = selected.view(N * A, k * T, num_heads, d).transpose(1, 2)  # (N*A, m, k*T, d), a view
@@ -184,18 +178,18 @@ def windowed_attention(q: torch.Tensor, kv: torch.Tensor, scale: float,
                        mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q kv^T * scale) kv per window and head (keys = values), False in mask = left out.
 
-    q: (W, m, T, d); kv: (W, m, S, d); mask: None or broadcastable to (W, m, T, S). Returns
-    (W, m, T, d). PyTorch's fused kernel without gradients and on a GPU (not measured there); on a
-    CPU with gradients the formula, since the fused backward is slow for MVAS's 8-channel heads
+    q: (N*Q, m, T, d) per query window; kv: (N*Q, m, k*T, d); mask: None or broadcastable to
+    (N*Q, m, T, k*T). Returns (N*Q, m, T, d). PyTorch's fused kernel without gradients and on a GPU
+    (not measured there); on a CPU with gradients the formula, since the fused backward is slow for MVAS's 8-channel heads
     (forward + backward of MVAS at 128 px input, scale 0, freed memory reused as train.py runs,
     2-core AMD EPYC: 135 ms fused, 74 ms by the formula).
     """
     if q.is_cuda or not (torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad)):
         return F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=scale)
-    attn = (q * scale) @ kv.transpose(-2, -1)  # (W, m, T, S)
+    attn = (q * scale) @ kv.transpose(-2, -1)  # (N*Q, m, T, k*T)
     if mask is not None:
         attn = attn.masked_fill(~mask, float("-inf"))
-    return attn.softmax(dim=-1) @ kv  # (W, m, T, d)
+    return attn.softmax(dim=-1) @ kv  # (N*Q, m, T, d)
 
 
 def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: int,
@@ -225,8 +219,8 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
     where that is faster (`windowed_attention`).
     """
     N, H, W, C = query.shape
-    # STEP 1: neighbourhood attention windows, X -> X_a (v, a^2, hw/a^2, c); zero padding included
-    # (only the query windows that hold image tokens: the others' outputs would be cropped in STEP 5)
+    # STEP 1 (arXiv:2407.11935, MVAS, "Neighbourhood Attention Window"): X -> X_a (v, a^2, hw/a^2, c), zero
+    # padding included (only the query windows that hold image tokens: the others' outputs would be cropped in STEP 5)
     q = window_partition(query, n_win, image_only=True)  # (N, Q, T, C), Q <= A
     table = window_partition(others, n_win)  # (N, V-1, A, T, C)
     _, n_other, A, T, _ = table.shape
@@ -234,32 +228,33 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
     candidates = torch.arange(N * n_other * A, device=query.device).view(N, n_other * A)  # (N, M)
     present = None if view_mask is None else view_mask.repeat_interleave(A, dim=1)  # (N, M)
 
-    # STEPS 2-4: routing, gather, attention (see `mvas_windows`)
+    # STEPS 2-4 ("Multi-View Windows Adaptive Selection", "Neighbourhood Correlative Cross-Attention"):
+    # routing, gather, attention (see `mvas_windows`)
     out = mvas_windows(q, table, table.detach().mean(dim=1), candidates, topk, num_heads, present)  # (N, Q, T, C)
 
-    # STEP 5: un-window to Y_s^o (h, w, c) and crop the padding
+    # STEP 5 ("Neighbourhood Correlative Cross-Attention"): un-window to Y_s^o (h, w, c), crop the padding
     return window_unpartition(out, n_win, H, W)  # (N, H, W, C)
 
 
 def full_cross_attention(query: torch.Tensor, others: torch.Tensor, num_heads: int = 8) -> torch.Tensor:
     """Dense baseline: every query token attends to every token of all other views, with the same
     scaling (full C), heads and (absent) projections as `mvas_attention`. Through PyTorch's fused
-    attention, which streams the (H*W x (V-1)*H*W) matrix instead of holding it (8 views at
+    attention, which streams the (h*w x (V-1)*h*w) matrix instead of holding it (8 views at
     64x64 would need 32 GiB for it); `full_cross_attention_reference` is the naive formula.
 
     Args:
-        query: (N, H, W, C) the query view (plus positional embedding).
-        others: (N, V-1, H, W, C) the other views' raw features.
+        query: (N, h, w, C) the query view (plus positional embedding).
+        others: (N, V-1, h, w, C) the other views' raw features.
         num_heads: m.
     Returns:
-        (N, H, W, C).
+        (N, h, w, C).
     """
-    N, H, W, C = query.shape
+    N, h, w, C = query.shape
     d = C // num_heads
-    q = query.reshape(N, H * W, num_heads, d).transpose(1, 2)  # (N, m, H*W, d)
-    kv = others.reshape(N, -1, num_heads, d).transpose(1, 2)  # (N, m, (V-1)*H*W, d)
-    out = F.scaled_dot_product_attention(q, kv, kv, scale=C ** -0.5)  # (N, m, H*W, d)
-    return out.transpose(1, 2).reshape(N, H, W, C)
+    q = query.reshape(N, h * w, num_heads, d).transpose(1, 2)  # (N, m, h*w, d)
+    kv = others.reshape(N, -1, num_heads, d).transpose(1, 2)  # (N, m, (V-1)*h*w, d)
+    out = F.scaled_dot_product_attention(q, kv, kv, scale=C ** -0.5)  # (N, m, h*w, d)
+    return out.transpose(1, 2).reshape(N, h, w, C)
 
 
 # ----------------------------------------------------------------------------- plain reference versions
@@ -271,24 +266,24 @@ def mvas_attention_reference(query: torch.Tensor, others: torch.Tensor, n_win: i
     views are padded and cut for every call, the windows gathered token by token through an
     expanded index, the attention matrix held in full. Same arguments and result as
     `mvas_attention`; the tests and bench/attention.py compare the fast version with this one."""
-    N, H, W, C = query.shape
+    N, h, w, C = query.shape
     scale = C ** -0.5
 
-    # STEP 1: neighbourhood attention windows, X -> X_a (v, a^2, hw/a^2, c); zero padding included
-    q = window_partition(query, n_win)  # (N, a*a, T, C)
+    # STEP 1 (arXiv:2407.11935, MVAS, "Neighbourhood Attention Window"): X -> X_a (v, a^2, hw/a^2, c)
+    q = window_partition(query, n_win)  # (N, a*a, T, C), zero padding included
     kv = window_partition(others, n_win).flatten(1, 2)  # (N, (V-1)*a*a, T, C), view-major
     _, A, T, _ = q.shape
 
-    # STEP 2: routing, A_c and I_m^K = TopK_Index(A_c) (see `mvas_routing`)
+    # STEP 2 ("Multi-View Windows Adaptive Selection"): A_c and I_m^K = TopK_Index(A_c) (see `mvas_routing`)
     present = None if view_mask is None else view_mask.repeat_interleave(A, dim=1)  # (N, (V-1)*A)
     _, index = mvas_routing(q.detach().mean(dim=2), kv.detach().mean(dim=2), topk, present)  # (N, A, k)
     k = index.shape[-1]
 
-    # STEP 3: gather the selected windows' raw tokens: K_m^K = V_m^K
+    # STEP 3 (same section): gather the selected windows' raw tokens: K_m^K = V_m^K
     gather_index = index.reshape(N, A * k, 1, 1).expand(-1, -1, T, C)
     selected = torch.gather(kv, 1, gather_index).reshape(N, A, k * T, C)  # (N, A, k*T, C)
 
-    # STEP 4: X_s^o = Attention(Q_s, K_m^K, V_m^K) per window, m heads, no projections
+    # STEP 4 ("Neighbourhood Correlative Cross-Attention"): X_s^o = Attention(Q_s, K_m^K, V_m^K) per window
     d = C // num_heads
     q = q.reshape(N, A, T, num_heads, d).transpose(2, 3)  # (N, A, m, T, d)
     kv = selected.reshape(N, A, k * T, num_heads, d).transpose(2, 3)  # (N, A, m, k*T, d)
@@ -302,21 +297,21 @@ def mvas_attention_reference(query: torch.Tensor, others: torch.Tensor, n_win: i
         attn = attn.masked_fill(~keep, float("-inf")).softmax(dim=-1) * valid
     out = attn @ kv  # (N, A, m, T, d)
 
-    # STEP 5: un-window to Y_s^o (h, w, c) and crop the padding
+    # STEP 5 (same section): un-window to Y_s^o (h, w, c) and crop the padding
     out = out.transpose(2, 3).reshape(N, A, T, C)  # (N, A, T, C)
-    return window_unpartition(out, n_win, H, W)  # (N, H, W, C)
+    return window_unpartition(out, n_win, h, w)  # (N, h, w, C)
 
 
 def full_cross_attention_reference(query: torch.Tensor, others: torch.Tensor, num_heads: int = 8) -> torch.Tensor:
     """`full_cross_attention` by the naive formula softmax(q k^T C^-0.5) v, holding the whole
-    (m x H*W x (V-1)*H*W) attention matrix. Same arguments and result."""
-    N, H, W, C = query.shape
+    (m x h*w x (V-1)*h*w) attention matrix. Same arguments and result."""
+    N, h, w, C = query.shape
     d = C // num_heads
-    q = query.reshape(N, H * W, num_heads, d).transpose(1, 2)  # (N, m, H*W, d)
-    kv = others.reshape(N, -1, num_heads, d).transpose(1, 2)  # (N, m, (V-1)*H*W, d)
-    attn = ((q * C ** -0.5) @ kv.transpose(-2, -1)).softmax(dim=-1)  # (N, m, H*W, (V-1)*H*W)
-    out = attn @ kv  # (N, m, H*W, d)
-    return out.transpose(1, 2).reshape(N, H, W, C)
+    q = query.reshape(N, h * w, num_heads, d).transpose(1, 2)  # (N, m, h*w, d)
+    kv = others.reshape(N, -1, num_heads, d).transpose(1, 2)  # (N, m, (V-1)*h*w, d)
+    attn = ((q * C ** -0.5) @ kv.transpose(-2, -1)).softmax(dim=-1)  # (N, m, h*w, (V-1)*h*w)
+    out = attn @ kv  # (N, m, h*w, d)
+    return out.transpose(1, 2).reshape(N, h, w, C)
 
 
 # ----------------------------------------------------------------------------- FLOP accounting
@@ -336,7 +331,7 @@ def mvas_flops(h: int, w: int, c: int, n_other: int, n_win: int, topk: int, imag
 
 
 def cross_attention_flops(h: int, w: int, c: int, n_other: int) -> int:
-    """Exact FLOPs of one `full_cross_attention` call for one query view, 4 v (hw)^2 c (notebooks/03_complexity.ipynb)."""
+    """Exact FLOPs of one `full_cross_attention` call for one query view, 4 v (hw)^2 c (notebook 03)."""
     return 2 * 2 * (h * w) * c * (n_other * h * w)
 
 
@@ -406,11 +401,11 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = (kernel / kernel.sum()).to(device=maps.device, dtype=maps.dtype)
-    out = maps.reshape(-1, 1, H, W)  # (M, 1, H, W)
-    out = out[:, :, _reflect_index(H, radius, maps.device), :]  # (M, 1, H + 2r, W)
-    out = F.conv2d(out, kernel.view(1, 1, -1, 1))  # (M, 1, H, W)
-    out = out[:, :, :, _reflect_index(W, radius, maps.device)]  # (M, 1, H, W + 2r)
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1))  # (M, 1, H, W)
+    out = maps.reshape(-1, 1, H, W)  # (N, 1, H, W)
+    out = out[:, :, _reflect_index(H, radius, maps.device), :]  # (N, 1, H + 2r, W)
+    out = F.conv2d(out, kernel.view(1, 1, -1, 1))  # (N, 1, H, W)
+    out = out[:, :, :, _reflect_index(W, radius, maps.device)]  # (N, 1, H, W + 2r)
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1))  # (N, 1, H, W)
     return out.reshape(*lead, H, W)
 
 
@@ -468,11 +463,11 @@ class FrozenEncoder(nn.Module):
                 missing, unexpected = net.load_state_dict(state, strict=False)
             except RuntimeError:  # wrong tensor shapes
                 raise ValueError(f"--weights {weights}: the tensors do not fit a {arch} (another "
-                                f"architecture's file?); give a torchvision/timm {arch} state dict")
+                                 f"architecture's file?); give a torchvision/timm {arch} state dict")
             missing = [k for k in missing if not k.startswith(("layer4.", "fc."))]
             if missing or unexpected:
                 raise ValueError(f"--weights {weights}: not a {arch} state dict (missing {missing[:3]}, "
-                                f"unexpected {unexpected[:3]}); give a torchvision/timm {arch} file")
+                                 f"unexpected {unexpected[:3]}); give a torchvision/timm {arch} file")
         self.conv1, self.bn1, self.layer1, self.layer2, self.layer3 = \
             net.conv1, net.bn1, net.layer1, net.layer2, net.layer3
         expansion = 4 if isinstance(self.layer1[0], Bottleneck) else 1
@@ -496,7 +491,7 @@ class FrozenEncoder(nn.Module):
                 where = f"{file.name} into {file.parent} (from {ENCODERS[arch][1].url})"
                 if weights == "imagenet":
                     raise ValueError(f"--weights imagenet: the ImageNet {arch} file is missing and cannot "
-                                    f"be downloaded ({type(e).__name__}); put {where}, or use --weights auto")
+                                     f"be downloaded ({type(e).__name__}); put {where}, or use --weights auto")
                 print(f"warning: ImageNet {arch} weights not found ({file}) and the download failed "
                       f"({type(e).__name__}); continuing with a random-init "
                       f"encoder whose BatchNorm statistics will be calibrated on the training images. "
@@ -505,7 +500,7 @@ class FrozenEncoder(nn.Module):
         path = Path(weights)
         if not path.is_file():
             raise ValueError(f"--weights {weights!r}: no such file; use auto, imagenet, none or a path "
-                            f"to a {arch} state dict")
+                             f"to a {arch} state dict")
         state = read_torch_file(path, f"--weights {weights}", "state dict")
         if not isinstance(state, dict):
             raise ValueError(f"--weights {weights}: holds a {type(state).__name__}, not a state dict")
@@ -569,14 +564,14 @@ class MVASBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, x, pos, table, pooled, candidates, present=None):
-        """x: (N, H, W, C) query views; pos: (H, W, C); table, pooled, candidates, present: the other
-        views' windows as `mvas_windows` takes them. Returns (N, H, W, C)."""
-        N, H, W, C = x.shape
+        """x: (N, h, w, C) query views; pos: (h, w, C); table, pooled, candidates, present: the other
+        views' windows as `mvas_windows` takes them. Returns (N, h, w, C)."""
+        N, h, w, C = x.shape
         q = window_partition(x + pos, self.n_win, image_only=True)  # (N, Q, T, C), see mvas_attention
         fused = mvas_windows(q, table, pooled, candidates, self.topk, self.num_heads, present)  # (N, Q, T, C)
-        fused = window_unpartition(fused, self.n_win, H, W)  # (N, H, W, C)
-        x = self.norm1(x + drop_path(fused, self.drop_prob, self.training))  # (N, H, W, C)
-        return self.norm2(x + self.mlp(x))  # (N, H, W, C)
+        fused = window_unpartition(fused, self.n_win, h, w)  # (N, h, w, C)
+        x = self.norm1(x + drop_path(fused, self.drop_prob, self.training))  # (N, h, w, C)
+        return self.norm2(x + self.mlp(x))  # (N, h, w, C)
 
 
 class MultiViewFusion(nn.Module):
@@ -595,10 +590,10 @@ class MultiViewFusion(nn.Module):
                                     for _ in range(depth))
 
     def forward(self, feats: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """feats: (B, V, C, H, W) one scale of the encoder; view_mask: (B, V) bool or None.
-        Returns (B, V, C, H, W), the fused features."""
-        B, V, C, H, W = feats.shape
-        x = feats.permute(0, 1, 3, 4, 2)  # (B, V, H, W, C)
+        """feats: (B, V, C, h, w) one scale of the encoder; view_mask: (B, V) bool or None.
+        Returns (B, V, C, h, w), the fused features."""
+        B, V, C, h, w = feats.shape
+        x = feats.permute(0, 1, 3, 4, 2)  # (B, V, h, w, C)
         A = self.n_win * self.n_win
         # STEP 1 for the keys/values: every view's windows, rows (b, v, window) of one table
         table = window_partition(x, self.n_win).flatten(0, 2)  # (B*V*A, T, C)
@@ -609,12 +604,12 @@ class MultiViewFusion(nn.Module):
         candidates = candidates.reshape(B * V, (V - 1) * A)  # (B*V, M), view-major
         present = None if view_mask is None else \
             view_mask[:, other].reshape(B * V, V - 1).repeat_interleave(A, dim=1)  # (B*V, M)
-        pos = detr_sine_embedding(H, W, C, device=feats.device).to(feats.dtype)  # (H, W, C)
+        pos = detr_sine_embedding(h, w, C, device=feats.device).to(feats.dtype)  # (h, w, C)
         pooled = table.mean(dim=1)  # (B*V*A, C)
-        x = x.reshape(B * V, H, W, C)  # (B*V, H, W, C)
+        x = x.reshape(B * V, h, w, C)  # (B*V, h, w, C)
         for block in self.blocks:
-            x = block(x, pos, table, pooled, candidates, present)  # (B*V, H, W, C)
-        return x.reshape(B, V, H, W, C).permute(0, 1, 4, 2, 3)  # (B, V, C, H, W)
+            x = block(x, pos, table, pooled, candidates, present)  # (B*V, h, w, C)
+        return x.reshape(B, V, h, w, C).permute(0, 1, 4, 2, 3)  # (B, V, C, h, w)
 
 
 # ----------------------------------------------------------------------------- bottleneck, decoder
@@ -754,7 +749,7 @@ class MVADConfig:
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly maps, pixels; official: 4
     mvas: bool = True  # the MVAS blocks; False: none at all, RD4AD (the "RD" column of the papers' tables)
     # the optimiser (train.py): AdamW, betas (0.9, 0.999); official: configs/mvad/mvad_realiad.py
-    base_lr: float = 0.005  # learning rate per 16 images: lr = base_lr * images per step / 16 (ADer's rule); official: 0.005
+    base_lr: float = 0.005  # rate per 16 images: lr = base_lr * images per step / 16 (ADer's rule); official: 0.005
     weight_decay: float = 1e-4  # AdamW weight decay, on weights only (not biases and norms); official: 1e-4
     clip: float = 5.0  # gradient-norm clip; official: 5
     lr_decay_at: float = 0.8  # the rate drops x0.1 after this share of the epochs; official: epoch 80 of 100
@@ -769,7 +764,7 @@ class MVAD(nn.Module):
             raise ValueError(f"--image-size {cfg.image_size}: MVAD needs a multiple of 32 (official: 256)")
         if not len(cfg.n_win) == len(cfg.blocks) == 3:
             raise ValueError(f"MVAD needs 3 values for n_win and blocks (one per scale), "
-                            f"got {cfg.n_win}, {cfg.blocks}")
+                             f"got {cfg.n_win}, {cfg.blocks}")
         self.cfg = cfg
         self.encoder = FrozenEncoder(cfg.backbone, cfg.weights)
         channels = self.encoder.channels  # (64, 128, 256) for ResNet18/34
@@ -787,33 +782,36 @@ class MVAD(nn.Module):
             images: (B, V, 3, H, W) ImageNet-normalised, V >= 2, H = W = image_size.
             view_mask: (B, V) bool, True = view present, or None (all present).
         Returns:
-            teacher, student: lists of S = 3 tensors (B*V, C_s, H_s, W_s), sample-major.
+            teacher, student: lists of S = 3 tensors (B*V, C_s, h_s, w_s), sample-major.
         """
         if images.dim() != 5 or images.shape[1] < 2 or images.shape[2] != 3 \
                 or images.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
             raise ValueError(f"MVAD expects images (B, V>=2, 3, {self.cfg.image_size}, {self.cfg.image_size}), "
-                            f"got {tuple(images.shape)}; set --image-size to the data's size")
+                             f"got {tuple(images.shape)}; set --image-size to the data's size")
         B, V, _, H, W = images.shape
         if view_mask is not None and (view_mask.shape != (B, V) or view_mask.dtype != torch.bool):
             raise ValueError(f"view_mask must be a (B, V) = ({B}, {V}) bool tensor, got "
-                            f"{tuple(view_mask.shape)} {view_mask.dtype}")
-        # STEP 1: the frozen pre-trained encoder sees every view separately: X_i^j for scale j
-        teacher = self.encoder(images.flatten(0, 1))  # S x (B*V, C_s, H_s, W_s)
-        # STEP 2: MVAS blocks per scale, X_o^j = LN^j(MVAS^j(X_i^j + P)) + X_i^j (in the code's
-        # post-norm form, see MVASBlock): each view attends to the top-k windows of the others.
+                             f"{tuple(view_mask.shape)} {view_mask.dtype}")
+        # MVAD STEP 1 of 5 (arXiv:2407.11935, "Overall Architecture of MVAD"): the frozen pre-trained
+        # encoder sees every view separately: X_i^j for scale j
+        teacher = self.encoder(images.flatten(0, 1))  # S x (B*V, C_s, h_s, w_s)
+        # MVAD STEP 2 of 5 (same section, the MVAS block): per scale X_o^j = LN^j(MVAS^j(X_i^j + P)) + X_i^j
+        # (in the code's post-norm form, see MVASBlock): each view attends to the top-k windows of the others.
         # Without them (mvas=False, RD4AD) the encoder's features go straight to the OCBE.
         fused = teacher if self.fusion is None else [
-            fuse(t.unflatten(0, (B, V)), view_mask).flatten(0, 1)  # (B*V, C_s, H_s, W_s)
+            fuse(t.unflatten(0, (B, V)), view_mask).flatten(0, 1)  # (B*V, C_s, h_s, w_s)
             for fuse, t in zip(self.fusion, teacher)]
-        # STEP 3: OCBE bottleneck, then the student decoder reconstructs the teacher's scales
+        # MVAD STEP 3 of 5 (RD4AD, arXiv:2201.10703, one-class bottleneck and reverse distillation; the
+        # official model/mvad.py's fusion): OCBE bottleneck, then the student decoder reconstructs the teacher's scales
         bottleneck = self.bottleneck(*fused)  # (B*V, 2*C_2, H/32, W/32)
-        student = self.decoder(bottleneck)  # S x (B*V, C_s, H_s, W_s)
+        student = self.decoder(bottleneck)  # S x (B*V, C_s, h_s, w_s)
         return teacher, student
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, V, 3, H, W) -> scalar training loss: loss_weight * multi-scale MSE."""
         teacher, student = self.features(images)
-        # STEP 4: multi-scale MSE between encoder and decoder features, x5 (ADer's L2Loss lam)
+        # MVAD STEP 4 of 5 (arXiv:2407.11935, "Multi-Scale MSE"; STEPS 1-3 in `features`): multi-scale MSE
+        # between encoder and decoder features, x5 (ADer's L2Loss lam)
         return self.cfg.loss_weight * reconstruction_loss(teacher, student)
 
     @torch.no_grad()
@@ -828,7 +826,8 @@ class MVAD(nn.Module):
         """
         teacher, student = self.features(images, view_mask)
         B, V, _, H, W = images.shape
-        # STEP 5: anomaly map, 1 - cos per scale, upsampled and summed, then smoothed
+        # MVAD STEP 5 of 5 (RD4AD's map, as the official code; STEPS 1-3 in `features`): 1 - cos per scale,
+        # upsampled and summed, then smoothed
         maps = sum(cosine_distance_map(t.float(), s.float(), (H, W)) for t, s in zip(teacher, student))
         maps = gaussian_blur(maps / 9.0, self.cfg.blur_sigma).reshape(B, V, H, W)  # (B, V, H, W)
         if view_mask is not None:

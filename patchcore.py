@@ -1,7 +1,7 @@
 """PatchCore: a memory bank of normal patch features, the strongest single-view baseline, on multi-view data.
 
 Paper: K. Roth, L. Pemula, J. Zepeda, B. Schoelkopf, T. Brox, P. Gehler, "Towards Total Recall in
-Industrial Anomaly Detection", CVPR 2022 (arXiv 2106.08265). Official code:
+Industrial Anomaly Detection", CVPR 2022, arXiv:2106.08265. Official code:
 amazon-science/patchcore-inspection (src/patchcore/patchcore.py, common.py, sampler.py). Where the
 paper and the code differ we follow the code and say so at the line.
 
@@ -16,11 +16,14 @@ Nothing is trained: one pass over the normal training images fills a memory bank
                  upsampling to the input, Gaussian sigma 4
     image score = max of its map, sample score = max over its views (eval.py)
 
-Shape legend: B samples (S training samples), V views per sample, N images (B*V), C channels, H, W
-input size, h, w the stage-2 grid (H/8, W/8), P = h*w patches per image, D feature width, d projection
-width, G memory banks (1 or V), M entries per bank, Q query patches, K coreset size.
+Shape legend (the same letters in every file): B samples, V views per sample, N images ((sample, view)
+pairs, e.g. B*V), n items in a list (samples of a split, scores), C channels, H x W image, h x w feature
+map, S scales, m heads, d = C / m channels per head, T tokens per attention unit (an MVAS window; an
+IDIF view). Here: h x w the stage-2 grid (H/8, W/8), P = h*w patches per image, D feature width, r
+projection width, G memory banks (1 or V), E entries per bank (the coreset), X patches in a pool.
 
 Run: `python train.py --method patchcore --category zipper`; tests: `python -m pytest tests/test_patchcore.py`.
+A bad argument raises ValueError (Python's type for it; the command lines print it as one line).
 
 Choices where the paper is silent, and where we differ from the official code:
 - Multi-view: the paper is single-view. `per_camera=True` (our default) keeps one memory bank per
@@ -51,7 +54,7 @@ Choices where the paper is silent, and where we differ from the official code:
 - Encoder: mvad.FrozenEncoder, so weights are handled as for MVAD and IDIF: ImageNet when the file is
   there, else a random-init WideResNet50-2 whose BatchNorm statistics are calibrated on the training
   images (train.py), said in one line.
-- Memory: `fit` holds every training patch's feature, S * V * P * D * 4 bytes (0.2 GB for the
+- Memory: `fit` holds every training patch's feature, n * V * P * D * 4 bytes (0.2 GB for the
   synthetic zipper at 128 px); the greedy selection needs a (patches, d) projection beside it.
 """
 import math
@@ -114,17 +117,17 @@ def greedy_coreset(features: torch.Tensor, k: int, generator: torch.Generator | 
     farthest (L2) from everything selected so far.
 
     Args:
-        features: (Q, d) points, usually a random projection of the patch features.
-        k: points to select, 1 <= k <= Q.
+        features: (X, r) points, usually a random projection of the patch features.
+        k: points to select, 1 <= k <= X.
         generator: draws the starting point.
     Returns:
         (k,) int64 indices into features, in the order of selection (all distinct).
     """
-    Q = features.shape[0]
+    X = features.shape[0]
     selected = torch.empty(k, dtype=torch.long)
-    selected[0] = torch.randint(Q, (1,), generator=generator)
+    selected[0] = torch.randint(X, (1,), generator=generator)
     # distance of every point to its nearest selected point
-    nearest = torch.linalg.vector_norm(features - features[selected[0]], dim=1)  # (Q,)
+    nearest = torch.linalg.vector_norm(features - features[selected[0]], dim=1)  # (X,)
     for i in range(1, k):
         selected[i] = nearest.argmax()  # the farthest point; selected points have distance 0
         nearest = torch.minimum(nearest, torch.linalg.vector_norm(features - features[selected[i]], dim=1))
@@ -133,23 +136,23 @@ def greedy_coreset(features: torch.Tensor, k: int, generator: torch.Generator | 
 
 def coreset_indices(features: torch.Tensor, fraction: float, projection_dim: int,
                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """The patches kept in the memory bank: a greedy coreset (Alg. 1) of int(fraction * Q) of them
+    """The patches kept in the memory bank: a greedy coreset (Alg. 1) of int(fraction * X) of them
     (at least one), chosen on a random Gaussian projection psi to projection_dim dimensions.
 
     Args:
-        features: (Q, D) patch features.
+        features: (X, D) patch features.
         fraction: share of the patches to keep (paper: 0.1 or 0.01); 1 keeps all.
-        projection_dim: d (paper: 128).
+        projection_dim: r (paper: 128).
         generator: draws the projection and the starting point.
     Returns:
-        (K,) int64 indices into features.
+        (E,) int64 indices into features.
     """
-    Q, D = features.shape
-    k = max(1, int(fraction * Q))  # the official code rounds down
-    if k >= Q:
-        return torch.arange(Q)
+    X, D = features.shape
+    k = max(1, int(fraction * X))  # the official code rounds down
+    if k >= X:
+        return torch.arange(X)
     psi = torch.randn(D, projection_dim, generator=generator) / math.sqrt(projection_dim)
-    return greedy_coreset(features @ psi.to(features), k, generator)  # (K,)
+    return greedy_coreset(features @ psi.to(features), k, generator)  # (E,)
 
 
 def nearest_neighbour_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 2**24) -> torch.Tensor:
@@ -157,14 +160,14 @@ def nearest_neighbour_distance(queries: torch.Tensor, bank: torch.Tensor, chunk:
     faiss IndexFlatL2 search), in chunks of queries so that no more than `chunk` distances are held.
 
     Args:
-        queries: (Q, D); bank: (M, D).
+        queries: (X, D); bank: (E, D).
         chunk: the most query-entry distances computed at once (2^24: 64 MiB in float32).
     Returns:
-        (Q,).
+        (X,).
     """
     rows = max(1, chunk // max(1, bank.shape[0]))
-    nearest = [torch.cdist(q, bank).amin(dim=1) for q in queries.split(rows)]  # Q/rows x (rows,)
-    return torch.cat(nearest).square()  # (Q,)
+    nearest = [torch.cdist(q, bank).amin(dim=1) for q in queries.split(rows)]  # X/rows x (rows,)
+    return torch.cat(nearest).square()  # (X,)
 
 
 # ----------------------------------------------------------------------------- config and model
@@ -178,7 +181,7 @@ class PatchCoreConfig:
     patch_size: int = 3  # p, side of the local neighbourhood averaged into each patch (paper: 3)
     width: int = 1024  # D, feature width after pooling over channels (paper: 1024)
     coreset_fraction: float = 0.1  # share of the training patches kept in the bank (paper: 0.1; also 0.01)
-    projection_dim: int = 128  # d, random projection on which the coreset is chosen (paper: 128)
+    projection_dim: int = 128  # r, random projection on which the coreset is chosen (paper: 128)
     per_camera: bool = True  # one bank per camera, not one over all views (paper: single-view; see above)
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly maps in pixels (paper: 4)
 
@@ -189,15 +192,17 @@ class PatchCore(nn.Module):
     def __init__(self, cfg: PatchCoreConfig):
         super().__init__()
         if not 0 < cfg.coreset_fraction <= 1:
-            raise ValueError(f"coreset_fraction {cfg.coreset_fraction} must be in (0, 1]; the paper uses 0.1 or 0.01")
+            raise ValueError(f"coreset_fraction {cfg.coreset_fraction} must be in (0, 1]; "
+                             "the paper uses 0.1 or 0.01")
         if cfg.patch_size < 1 or cfg.patch_size % 2 == 0 or cfg.width < 1 or cfg.projection_dim < 1:
             raise ValueError(f"patch_size {cfg.patch_size} must be odd, width {cfg.width} and projection_dim "
-                            f"{cfg.projection_dim} positive (paper: 3, 1024, 128)")
+                             f"{cfg.projection_dim} positive (paper: 3, 1024, 128)")
         if cfg.image_size % 16 or cfg.image_size < 16:
-            raise ValueError(f"image_size {cfg.image_size} must be a multiple of 16 for PatchCore (stage 3 is H/16)")
+            raise ValueError(f"image_size {cfg.image_size} must be a multiple of 16 for PatchCore "
+                             "(stage 3 is H/16)")
         self.cfg = cfg
         self.encoder = FrozenEncoder(cfg.backbone, cfg.weights)
-        # (G, M, D): G = 1 bank over all views, or one per camera; empty until fit
+        # (G, E, D): G = 1 bank over all views, or one per camera; empty until fit
         self.register_buffer("memory_bank", torch.zeros(0, 0, cfg.width))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -225,19 +230,19 @@ class PatchCore(nn.Module):
             {"patches": training patches, "bank_size": entries kept, "banks": G}.
         """
         # STEP 1: the features of every training patch, view by view
-        features = torch.cat([self.embed(images).flatten(2, 3) for images in batches])  # (S, V, P, D)
-        S, V, P, D = features.shape
+        features = torch.cat([self.embed(images).flatten(2, 3) for images in batches])  # (n, V, P, D)
+        n, V, P, D = features.shape
         # STEP 2: the patches of each bank: all views together, or camera by camera
         if self.cfg.per_camera:
-            pools = features.transpose(0, 1).reshape(V, S * P, D)  # (V, S*P, D)
+            pools = features.transpose(0, 1).reshape(V, n * P, D)  # (V, n*P, D)
         else:
-            pools = features.reshape(1, S * V * P, D)  # (1, S*V*P, D)
+            pools = features.reshape(1, n * V * P, D)  # (1, n*V*P, D)
         # STEP 3: greedy coreset subsampling (Sec. 3.2, Alg. 1) of each bank
         generator = torch.Generator().manual_seed(seed)
         banks = [pool[coreset_indices(pool, self.cfg.coreset_fraction, self.cfg.projection_dim, generator)]
-                 for pool in pools]  # G x (M, D)
-        self.memory_bank = torch.stack(banks)  # (G, M, D)
-        return {"patches": S * V * P, "bank_size": self.memory_bank.shape[0] * self.memory_bank.shape[1],
+                 for pool in pools]  # G x (E, D)
+        self.memory_bank = torch.stack(banks)  # (G, E, D)
+        return {"patches": n * V * P, "bank_size": self.memory_bank.shape[0] * self.memory_bank.shape[1],
                 "banks": self.memory_bank.shape[0]}
 
     @torch.no_grad()
@@ -255,11 +260,12 @@ class PatchCore(nn.Module):
         if G == 0:
             raise ValueError("PatchCore's memory bank is empty: fit it first (python train.py --method patchcore)")
         if G > 1 and G != V:
-            raise ValueError(f"this PatchCore has one memory bank per camera for {G} cameras; the images have {V} views")
+            raise ValueError(f"this PatchCore has one memory bank per camera for {G} cameras; "
+                             f"the images have {V} views")
         features = self.embed(images)  # (B, V, h, w, D)
         _, _, h, w, D = features.shape
         # STEP 4: nearest-neighbour search (eq. 6): each view in its camera's bank, or all in the one bank
-        banks = self.memory_bank.expand(V, -1, -1)  # (V, M, D)
+        banks = self.memory_bank.expand(V, -1, -1)  # (V, E, D)
         scores = torch.stack([nearest_neighbour_distance(features[:, v].reshape(-1, D), banks[v]).view(B, h, w)
                               for v in range(V)], dim=1)  # (B, V, h, w)
         # STEP 5: bilinear upsampling to the input and Gaussian smoothing (Sec. 3.3)

@@ -9,12 +9,11 @@
 
 One loop serves both methods: a batch is (B, V, 3, H, W), the last partial one dropped as in the
 official code (`fit_batch`); MVAD's loss needs only the clean views, IDIF's also the
-pseudo-anomalous ones (data.PseudoAnomalies). PatchCore (patchcore.py) is training-free: no
-optimizer and no epochs (OPTIMIZERS["patchcore"] is None); one pass over the training images fills
-its memory bank, saved in last.pt like a trained model. After the last epoch (or the fit) the run
-is evaluated by eval.py's `main`, which writes metrics.json, metrics.md and the pictures into
---out; a run whose settings are not the papers' says so in one line, with the papers' command
-(eval.protocol_note).
+pseudo-anomalous ones (data.PseudoAnomalies). The optimiser recipe is in each method's config
+(MVADConfig / IDIFConfig: base_lr, weight_decay, clip, lr_decay_at). PatchCore (patchcore.py) is
+training-free: one pass over the training images fills its memory bank, saved in last.pt. After
+the last epoch (or the fit) the run is evaluated by eval.py's `main` (metrics.json, metrics.md and
+pictures in --out); a run whose settings are not the papers' says so in one line (eval.protocol_note).
 
 Profiles: with a GPU the defaults are the papers' settings (256x256, batch 8 samples, 100 epochs);
 on a CPU a small profile (`PROFILES["cpu"]`: 128x128, batch 4, 15 epochs, per-camera score
@@ -51,10 +50,11 @@ from eval import (METHODS, PAPER_SETTINGS, PRECISIONS, EvalConfig, autocast, com
 from eval import main as evaluate_run
 from mvad import FrozenEncoder, read_torch_file
 
-# The defaults that depend on the hardware: "gpu" is the papers' setting (REFERENCE 3, 4); "cpu"
-# trains and evaluates the synthetic default within about five minutes on 2 cores.
+# The defaults that depend on the hardware: "gpu" is the papers' setting (MVAD's official
+# configs/mvad/mvad_realiad.py; the IDIF paper's 256 px, batch 8); "cpu" trains and evaluates the
+# synthetic default within about five minutes on 2 cores.
 # view_norm: z-score each camera's image scores with training-split statistics before the max over
-# views (eval.py, REFERENCE 6). Off in the papers' setting; on in the CPU profile, where the short
+# views (eval.py). Off in the papers' setting; on in the CPU profile, where the short
 # training leaves one camera's scores far above the others' and the max would hide side-view defects.
 PROFILES = {
     "gpu": dict(PAPER_SETTINGS),  # image_size=256, batch_size=8, epochs=100, view_norm=False
@@ -259,7 +259,8 @@ def load_checkpoint(path: Path, method: str | None = None) -> dict:
 
 def calibrate_frozen_encoders(model: torch.nn.Module, dataset, device, log) -> None:
     """Re-estimates the BatchNorm statistics of random-init frozen encoders on the training images
-    (REFERENCE section 6: sample AUROC 0.78 uncalibrated vs 0.98 calibrated)."""
+    (an RD4AD-style prototype on 5-view synthetic data at 128 px: sample AUROC 0.78 uncalibrated vs
+    0.98 calibrated)."""
     encoders = [m for m in model.modules() if isinstance(m, FrozenEncoder) and m.needs_calibration]
     if not encoders:
         return
@@ -555,7 +556,7 @@ def parse_args(argv=None) -> TrainConfig:
                             ("image_size", "input side in pixels")):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                        help=f"{help_text} (None: {PROFILES['gpu'][name]} on GPU, {PROFILES['cpu'][name]} on CPU)")
-    p.add_argument("--lr", type=float, default=d.lr, help="None: base rate x images per step / 16")
+    p.add_argument("--lr", type=float, default=d.lr, help="None: the config's base_lr x images per step / 16")
     p.add_argument("--weights", default=d.weights, help="frozen encoder: auto, imagenet, none or a file")
     p.add_argument("--device", default=d.device, help="None: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=d.seed)

@@ -327,10 +327,10 @@ def test_official_size_and_cost():
     model = MVAD(MVADConfig(weights="none"))
     frozen = sum(p.numel() for p in model.encoder.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert frozen == 8_170_304 and trainable == 9_633_088  # REFERENCE: 8.2 M + 9.6 M
+    assert frozen == 8_170_304 and trainable == 9_633_088  # the official log: 8.2 M + 9.6 M
     mvas = sum(5 * depth * mvas_flops(s, s, c, 4, a, 4)
                for c, s, a, depth in zip((64, 128, 256), (64, 32, 16), (14, 9, 6), (1, 2, 4)))
-    assert mvas / 2 / 1e9 == pytest.approx(0.76, abs=0.01)  # REFERENCE: all MVAS about 0.76 GMACs
+    assert mvas / 2 / 1e9 == pytest.approx(0.76, abs=0.01)  # the official log: all MVAS about 0.76 GMACs
 
 
 def test_rd_without_mvas_has_no_mvas_parameters_and_scores_each_view_alone():
