@@ -22,16 +22,11 @@ Metrics: AUROC and AP (scikit-learn), F1-max over the exact precision-recall cur
 computes it (`f1_max_ader`: 21 thresholds on min-max normalised maps, never above the exact one).
 All metrics return NaN when the labels hold only one class (null in metrics.json, "-" in tables).
 
-Memory: maps are never kept. `PixelMetrics` folds each batch into fixed-size histograms; its
-results stay within a bound that it computes itself (1e-4 or less on anomaly maps, see its
-docstring; written to metrics.json as "pixel_error_bound") of the exact values. The official code
-keeps every map in float64 (about 120 GB on Real-IAD).
+Memory: maps are never kept. `PixelMetrics` folds each batch into fixed-size histograms, within a
+bound of the exact values that it computes itself ("pixel_error_bound" in metrics.json, 1e-4 or less).
 
-Several processes (torchrun, or train.py's DDP run): each evaluates every N-th test sample (`shard`)
-and rank 0 merges what they collected (`merge_shards`): the image scores and labels, put back in
-sample order, give the same sample and image metrics as one process; the pixel histograms merge
-exactly (`PixelMetrics.merge`), AU-PRO's region statistics with them; the --view-norm statistics
-and the --drop-views draw are the same in every process. Rank 0 alone writes the reports.
+Several processes (torchrun, or train.py's DDP run): each evaluates its shard of the test split
+(`shard`) and rank 0 merges them (`merge_shards`) into exactly what one process computes, and alone reports.
 
 Real-IAD's own scorer, ADEval (PyPI `adeval`), bins its curves (1,000 strips) and labels samples
 by their masks; `--export-adeval FILE` writes its input for the test split and the command that
@@ -166,17 +161,25 @@ def connected_components(mask) -> np.ndarray:
     Vectorised union-find: every foreground pixel starts as its own root; each round links the
     larger root of every edge whose ends have different roots to the smaller one, then pointer
     jumping makes every pixel point at its root. Each round at least halves the number of roots
-    that still have an edge to another root, so P foreground pixels take O(log P) rounds.
+    that still have an edge to another root, so n foreground pixels take O(log n) rounds.
 
     Args:
         mask: (..., H, W) bool or {0, 1}.
     Returns:
-        (..., H, W) int64: 0 = background, 1..R = the regions in raster order over all masks.
+        (..., H, W) int64: 0 = background, 1, 2, ... = the regions in raster order over all masks.
     """
     mask = _numpy(mask) > 0
     m = mask.reshape(-1, *mask.shape[-2:])  # (N, H, W)
     node = np.cumsum(m.ravel()).reshape(m.shape) - 1  # (N, H, W) foreground pixel -> node id
-    # The edges: each pixel with its right, lower, lower-right and lower-left neighbour.
+    parent = _union_find(int(m.sum()), *_foreground_edges(m, node))  # (n,) the root of every node
+    labels = np.zeros(m.size, dtype=np.int64)
+    labels[m.ravel()] = np.unique(parent, return_inverse=True)[1] + 1
+    return labels.reshape(mask.shape)
+
+
+def _foreground_edges(m: np.ndarray, node: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8-connectivity edges between foreground pixels of masks m (N, H, W): each pixel with its
+    right, lower, lower-right and lower-left neighbour, as the node ids of both ends, (edges,) each."""
     neighbour_pairs = [
         (np.s_[:, :, :-1], np.s_[:, :, 1:]),
         (np.s_[:, :-1, :], np.s_[:, 1:, :]),
@@ -188,22 +191,23 @@ def connected_components(mask) -> np.ndarray:
         both = m[first] & m[second]
         a.append(node[first][both])
         b.append(node[second][both])
-    a, b = np.concatenate(a), np.concatenate(b)  # (E,), (E,)
-    parent = np.arange(int(m.sum()))  # parent[i] <= i always, so the links never form a cycle
+    return np.concatenate(a), np.concatenate(b)
+
+
+def _union_find(nodes: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The root (smallest node id of its component) of each of `nodes` nodes joined by the edges (a, b)."""
+    parent = np.arange(nodes)  # parent[i] <= i always, so the links never form a cycle
     while True:
         root_a, root_b = parent[a], parent[b]
         differ = root_a != root_b
         if not differ.any():
-            break
+            return parent
         np.minimum.at(parent, np.maximum(root_a, root_b)[differ], np.minimum(root_a, root_b)[differ])
         while True:  # pointer jumping until every node points at a root
             grandparent = parent[parent]
             if np.array_equal(grandparent, parent):
                 break
             parent = grandparent
-    labels = np.zeros(m.size, dtype=np.int64)
-    labels[m.ravel()] = np.unique(parent, return_inverse=True)[1] + 1
-    return labels.reshape(mask.shape)
 
 
 def _descending_cumsum(counts: np.ndarray) -> np.ndarray:

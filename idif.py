@@ -7,8 +7,8 @@ knowledge distillation in the style of DeSTSeg (Zhang et al., CVPR 2023, arXiv:2
 github.com/apple/ml-destseg): a frozen teacher sees the clean views, a student sees pseudo-anomalous
 views (DRAEM's recipe: Zavrtanik et al., ICCV 2021, arXiv:2108.07610; data.PseudoAnomalies) and must
 reproduce the teacher's features of the clean ones.
-Between the student's encoder and its decoders (c: the bottleneck's latent sample, L channels; f_c:
-its decoding to the C channels of f_E, the tensor that is subtracted):
+Between the student's encoder and its decoders (c: the CB's latent sample, L channels; f_c: its
+decoding to the C channels of f_E, the tensor that is subtracted):
 
     f_E^(v)  = StudentEncoder(corrupted view v)                  view-shared ResNet18, stages 1-3
     c        = mu + Sigma * eps,  (mu, Sigma) from all views     Consistency Bottleneck (CB)
@@ -18,11 +18,10 @@ its decoding to the C channels of f_E, the tensor that is subtracted):
     f_p^(v)  = STN^(v)(P_n, theta^(v))                           re-projection to view v
     f_stu^(v) = Decoder^(v)(f_p^(v) + f_c)                       three scales, like the teacher
     L_IB     = mean over kept views of |f_E^(v) - f_c|^2         information bottleneck (IB) loss
-    L        = alpha L_Distill + beta L_IB
-
-Anomaly map of a view: the mean over the three scales of 1 - cos(f_tea, f_stu), upsampled to the
-input (bilinear, mvad.cosine_distance_map), Gaussian-smoothed (sigma 4). In training each view is
-dropped with p = 0.2 (View-wise Dropout, the paper's rate); the dropped views' images are never read.
+    L        = alpha L_Distill + beta L_IB                       alpha = beta = 1 (paper)
+    map      = mean over scales of upsampled 1 - cos(f_tea, f_stu), Gaussian-smoothed (blur_sigma)
+(IDIF STEPS 1-6, the STEP comments of `IDIF.features` and `decoder_input`: teacher, student encoder,
+CB, IVC, STN, decoders.)
 
 Shape legend (the same letters in every file): B samples, V views per sample, N images ((sample, view)
 pairs, e.g. B*V), n items in a list (samples of a split, scores), C channels, H x W image, h x w feature
@@ -33,88 +32,34 @@ Tq / Tk query / key tokens, C_s x h_s x w_s teacher scale s (64 x H/4, 128 x H/8
 
 Run: `python train.py --method idif --category zipper`; tests: `python -m pytest tests/test_idif.py`.
 A bad argument raises ValueError (Python's type for it; the command lines print it as one line).
-Ablations (IDIFConfig switches, `--set NAME=false`): bottleneck=false removes the CB (f_c = 0,
-f_s = f_E, no L_IB); fusion=false removes the IVC and the STN (f_p^(v) = f_s^(v), each decoder sees
-its own view only); both false is the paper's per-view denoising-student ensemble (its ablation
-table: 94.0 S-AUROC on Real-IAD), fusion alone its "+IVC" row (96.1), both on the full model (97.0).
-With fusion off and the CB on, the decoder input f_s + f_c is f_E itself, so the CB acts only
-through L_IB (a combination the paper does not report).
+Ablations (`--set bottleneck=false`, `--set fusion=false`): no CB (f_c = 0, f_s = f_E, no L_IB); no IVC
+and STN (f_p = f_s); both off is the paper's per-view ensemble (its ablation: 94.0 / +IVC 96.1 / full 97.0).
+Size (5 views, 256 px): 18.8 M parameters (2.8 M frozen teacher), 23.4 GMACs per sample for a map.
 
-Size (5 views, 256 input): 18.8 M parameters, 2.8 M of them the frozen teacher; trainable: student
-encoder 2.8 M, CB 1.3 M, IVC 3.5 M, STN 5 angles, 5 decoders 8.5 M. 23.4 GMACs per sample for an
-anomaly map (teacher 9.2, student encoder 9.2, CB 0.3, IVC and STN 1.1, decoders 3.7), as
-FlopCounterMode counts them; bottleneck=false: 17.5 M and 23.1 GMACs, fusion=false: 15.3 M and 22.4,
-both: 14.0 M and 22.0. In training only the kept views (about 80%) pass the encoders and decoders.
-
-What the paper states: a frozen ImageNet ResNet18 teacher (stages 1-3, input 256, batch 8 samples);
-a view-shared student encoder; the CB with two sub-networks f_e^mu and f_e^Sigma over all views,
-f_c sampled from N(mu, Sigma) (mu at test time), f_s^(v) = f_E^(v) - f_c, and a reconstruction
-decoder q(f_E | f_c) used only in training, with L_IB its negative log-likelihood and no KL term;
-the IVC (a learnable sample-independent voxel P_0, fusion blocks of self-attention + FFN and
-cross-attention from the voxel to the patchified f_s + FFN, positional encodings); masked-view
-cross-attention (-inf on the dropped views' keys); one STN and one decoder per view; L_Distill,
-alpha = beta = 1; View-wise Dropout p = 0.2. Everything below is our choice where the paper is silent:
-- Student encoder: we use only the stage-3 output as f_E (C = 256 at H/16); stages 1-2 feed it and
-  nothing else, because the decoders must not see the pseudo-anomalous input through skip
-  connections (DeSTSeg's student has none either).
-- CB: we work on the 16x16x256 stage at 256 input. f_e^mu and f_e^Sigma are two small conv nets on
-  the mean of f_E over the kept views, with a 64-channel latent c; Sigma is a standard deviation,
-  exp(log_var / 2). Decode (two 1x1 convs) maps c to f_c. We take q(f_E^(v) | f_c) = N(f_c, I), so
-  -log q is the squared distance |f_E^(v) - f_c|^2 up to constants, and L_IB is its mean over the
-  kept views (= the mean |f_s^(v)|^2): L_IB ties the very f_c that is subtracted to every kept view's
-  f_E, which makes f_c the least-squares common part of the views and f_s the residual (a separate
-  reconstruction head, fed from c, would train nothing into f_c). We detach f_E in L_IB, so that the
-  encoder cannot lower it by erasing the differences between views. The seminar deck calls the CB a
-  "VAE structure"; unlike a VAE's, our reconstruction decoder is fixed (the mean of q is f_c itself)
-  and, unlike the paper, a small KL term (weight 0.01) that keeps Sigma away from 0.
-  Sigma without a KL term: nothing keeps it from shrinking, and it does. On the synthetic zipper
-  (train.py's CPU profile, 15 epochs) the mean Sigma falls from 1 to 0.04 in the second epoch and
-  ends near 1e-4, so the CB is in effect a deterministic 64-channel bottleneck. kl_weight 0.01 ends
-  at Sigma 0.16 / 0.14 with sample / pixel AUROC 94.7 / 98.6 and 96.6 / 98.0 (seeds 42 / 7), against
-  95.0 / 98.6 and 96.6 / 98.0 at weight 0: the same accuracy, so 0.01 is our default. kl_weight 0.1
-  ends at Sigma 0.71 and costs accuracy (89.3 / 97.4, seed 42, with the two-angle STN below).
-  train.py logs the KL and the mean Sigma per epoch (history.json) whatever the weight.
-  The deck spells L_IB "intra-batch consistency loss"; we read IB as information bottleneck, the
-  CB's role (compress what the views share into the low-dimensional c).
-- IVC: a 4 x 8 x 8 (Dv x Hv x Wv) voxel of width 256, 2 pre-norm fusion blocks, 8 heads, FFN width 4C with GELU.
-  P_0 is learned (initialised N(0, 0.02^2)); the 3D positional encoding and the tokens' 2D one are
-  fixed sine-cosine encodings in normalised coordinates, so that the voxel's 8x8 plane and the
-  token grid share one frame (`grid_sine_encoding` for both; mvad.detr_sine_embedding is 2D only).
-  We patchify f_s with a 2x2 stride-2 convolution (16x16 -> 8x8 tokens per view at 256 input) and
-  add a learnable encoding per view.
-- Masked-view attention: a sample whose views are all masked gets a zero attention output (plain
-  softmax would give NaN); the model itself always keeps at least one view.
-- View-wise dropout: each view is dropped independently with p; a sample left with no view gets one
-  random view back, so the realised rate is a little below p (p - p^V / V).
-- Dropped and absent views: the teacher, the student encoder, the patchify convolution and the
-  decoders run on the kept (sample, view) rows only (`on_kept_rows`), and the rest is masked with
-  torch.where, so a dropped view's pixels (even NaN) touch no output, loss or gradient, and the
-  BatchNorm layers take their training statistics over the kept views only. A decoder whose view is
-  dropped in every sample of a batch runs on zero rows (zero gradients, statistics untouched).
-- STN: theta^(v) is the azimuth of view v, learnable, initialised evenly over 2 pi; the voxel is
-  turned about its height axis (a turntable in front of the camera) in normalised coordinates,
-  trilinear sampling, zeros outside, then averaged over depth (an orthographic projection) and
-  resized bilinearly to the f_s grid (up to 16x16 at 256 input, down to 4x4 at 64). A turntable
-  cannot give a top view, and Real-IAD's C1 looks down on the object, so we also built an STN with
-  an azimuth and an elevation per view, initialised from the camera layout (C1 from above, C2..C5
-  around at the synthetic cameras' 35 degrees). On the synthetic zipper (CPU profile, seeds 42 / 7 / 3)
-  it reached sample AUROC 93.3 / 95.1 / 94.6 against the turntable's 95.0 / 96.6 / 96.6, with pixel
-  AUROC 98.4 / 98.2 / 98.6 against 98.6 / 98.0 / 98.3 (image AUROC and AU-PRO differed by 1.3 points
-  or less, either way; all at kl_weight 0). So we keep the turntable. Possible reasons, not tested: the voxel is
-  implicit, nothing ties its axes to the physical ones, so a turn per view already gives every view
-  its own projection; and with a 4-cell depth axis a top view gets only 4 rows of voxel cells.
-- Decoder: one per view, reversed ResNet with one of RD4AD's DeBasicBlocks per scale (mvad.py's; the
-  block going up a scale uses a 2x2 transposed conv; RD4AD stacks two or more per scale), no skip
-  connections.
-- L_Distill: the seminar deck writes a squared distance; like DeSTSeg we take it between
-  L2-normalised features, i.e. 1 - cos (the quantity the anomaly map uses), averaged over positions,
-  summed over scales and kept views, averaged over samples.
-- Pseudo-anomalies (data.PseudoAnomalies): each view is corrupted with probability 0.5, DRAEM's rate
-  (DeSTSeg corrupts every training image; the paper does not say), so the student also sees clean
-  views.
-- Inference: the student sees the test views themselves (as in DeSTSeg); the map of a view marked
-  absent in view_mask is all zeros. DeSTSeg's segmentation head is left out, and the map is the
-  mean over scales of 1 - cos, where DeSTSeg's denoising-student map multiplies the scales.
+The paper states: a frozen ImageNet ResNet18 teacher (stages 1-3, 256 px, batch 8 samples), a
+view-shared student encoder, the CB (f_e^mu, f_e^Sigma over all views, f_c ~ N(mu, Sigma), mu at test
+time, L_IB the negative log-likelihood of a training-only decoder q(f_E | f_c), no KL term), the IVC
+(learnable voxel P_0; self-attention + FFN, cross-attention to the patchified f_s + FFN), masked-view
+cross-attention, one STN and one decoder per view, View-wise Dropout p = 0.2. Our choices where it is silent:
+- Student encoder: only stage 3 is f_E; no skip connections, so the decoders never see the corrupted input.
+- CB: on the mean of f_E over the kept views, 64-channel latent; q(f_E | f_c) = N(f_c, I), so L_IB ties
+  the very f_c that is subtracted to every kept view's (detached) f_E; Sigma = exp(log_var / 2).
+- KL weight 0.01 (paper: none): without it Sigma collapses to ~1e-4; with it Sigma ends at 0.16 / 0.14
+  at the same accuracy (synthetic zipper, CPU profile, seeds 42 / 7); 0.1 costs accuracy (89.3, seed 42).
+- IVC: 4 x 8 x 8 voxel of width 256, 2 pre-norm blocks, 8 heads, FFN 4C with GELU; fixed sine encodings
+  on normalised cell centres for voxel and tokens (`grid_sine_encoding`); 2x2 patchify; learnable view encoding.
+- Masked views: a sample with every key masked gets a zero attention output (plain softmax gives NaN).
+- View-wise dropout: each view dropped with p, one random view restored when none is left.
+- Dropped and absent views run through nothing (`on_kept_rows`): no influence on outputs, losses,
+  gradients or BatchNorm statistics, even if their pixels are NaN.
+- STN: one learnable azimuth per view (a turntable), orthographic mean over depth; an azimuth +
+  elevation variant scored lower on the synthetic zipper (sample AUROC 93.3 / 95.1 / 94.6 against
+  95.0 / 96.6 / 96.6, seeds 42 / 7 / 3), so we keep the turntable.
+- Decoder: one per view, one RD4AD DeBasicBlock per scale (RD4AD stacks more), no skip connections.
+- L_Distill: the paper writes a squared distance; like DeSTSeg we take 1 - cos (L2-normalised features).
+- Pseudo-anomalies: each view corrupted with probability 0.5 (DRAEM's rate; DeSTSeg corrupts every image).
+- Inference: the student sees the test views; DeSTSeg's segmentation head is left out; the map is the
+  mean over scales (DeSTSeg multiplies them); an absent view's map is zero.
 """
 import math
 from dataclasses import dataclass
@@ -557,13 +502,14 @@ class IDIF(nn.Module):
         """
         f_c, f_s, latent = None, f_E, None  # without a CB: f_c = 0, f_s = f_E
         if self.bottleneck is not None:
-            # STEP 1: intra-view decoupling (CB): c = mu + Sigma * eps, f_c = Decode(c), f_s = f_E - f_c
+            # IDIF STEP 3 of 6 (the paper's Intra-view Decoupling, Consistency Bottleneck): c = mu + Sigma * eps,
+            # f_c = Decode(c), f_s = f_E - f_c
             f_c, f_s, latent = self.bottleneck(f_E, view_mask)  # (B, C, h, w), (B, V, C, h, w)
         f_p = f_s  # without fusion each view keeps its own f_s
         if self.implicit_voxel is not None:
-            # STEP 2: inter-view fusion (IVC): P_0 -> P_n with the kept views' f_s
+            # IDIF STEP 4 of 6 (Inter-view Fusion, Implicit Voxel Construction): P_0 -> P_n with the kept views' f_s
             voxel = self.implicit_voxel(f_s, view_mask)  # (B, C, Dv, Hv, Wv)
-            # STEP 3: f_p^(v) = STN^(v)(P_n, theta^(v))
+            # IDIF STEP 5 of 6 (the STN re-projection): f_p^(v) = STN^(v)(P_n, theta^(v))
             f_p = self.stn(voxel, f_E.shape[-2:])  # (B, V, C, h, w)
         return (f_p if f_c is None else f_p + f_c[:, None]), latent  # (B, V, C, h, w)
 
@@ -578,13 +524,15 @@ class IDIF(nn.Module):
             f_tea, f_stu (3 scales, each (B, V, C_s, h_s, w_s)), f_E (B, V, C, h, w), the CB's
             Latent (None without a CB).
         """
-        # STEP 1: the frozen teacher sees every kept clean view separately
+        # IDIF STEP 1 of 6 (Mao et al., AAAI 2025, the framework overview): the frozen teacher sees every kept
+        # clean view separately
         f_tea = on_kept_rows(self.teacher, images, view_mask)  # 3 x (B, V, C_s, h_s, w_s)
-        # STEP 2: the view-shared student encoder on the kept pseudo-anomalous views
+        # IDIF STEP 2 of 6 (same): the view-shared student encoder on the kept pseudo-anomalous views, f_E^(v)
         f_E = on_kept_rows(self.student, corrupted, view_mask)  # (B, V, C, h, w)
-        # STEP 3: CB, IVC and STN: x = f_p + f_c
+        # IDIF STEPS 3-5 of 6 (`decoder_input`): CB, IVC and STN: x = f_p + f_c
         x, latent = self.decoder_input(f_E, view_mask)  # (B, V, C, h, w)
-        # STEP 4: f_stu^(v) = Decoder^(v)(f_p^(v) + f_c), on the samples that keep view v
+        # IDIF STEP 6 of 6 (the view-specific decoders): f_stu^(v) = Decoder^(v)(f_p^(v) + f_c), on the
+        # samples that keep view v
         per_view = [on_kept_rows(decoder, x[:, v], view_mask[:, v])
                     for v, decoder in enumerate(self.decoders)]  # V x 3 x (B, C_s, h_s, w_s)
         f_stu = [torch.stack(scale, dim=1) for scale in zip(*per_view)]  # 3 x (B, V, C_s, h_s, w_s)
