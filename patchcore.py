@@ -26,36 +26,19 @@ Run: `python train.py --method patchcore --category zipper`; tests: `python -m p
 A bad argument raises ValueError (Python's type for it; the command lines print it as one line).
 
 Choices where the paper is silent, and where we differ from the official code:
-- Multi-view: the paper is single-view. `per_camera=True` (our default) keeps one memory bank per
-  camera, the coreset of that camera's patches, and compares a test view with its own camera's
-  bank only; `per_camera=False` keeps one bank over all views. Both keep 10% of the patches in total.
-  Measured on the synthetic zipper (`python train.py --method patchcore --category zipper`: the CPU
-  profile, 128 px, view-norm on, random-init WideResNet50-2 calibrated; seeds 42, 43, 44; mean and
-  std): per camera sample AUROC 90.6 +- 1.7, image 84.2 +- 2.2, pixel 93.6 +- 0.5, AU-PRO 77.6 +- 1.5,
-  fit 14.5 s; one bank 85.4 +- 2.7, 80.5 +- 1.1, 94.5 +- 0.4, 80.6 +- 0.9, fit 28.0 s. We keep one
-  bank per camera: better at sample and image level, half the fit and 1/V of the search, for about
-  1 point of pixel AUROC and 3 of AU-PRO. Its scores need the per-camera normalisation more (seed
-  42 without view-norm: sample AUROC 84.7 per camera, 87.2 with one bank).
-- Distance: the paper writes the L2 distance (eq. 6); the official code searches with faiss
-  IndexFlatL2, which returns squared distances, and scores with them: we follow the code.
-- Image score: the official code takes the max of the patch scores before upsampling and smoothing;
-  eval.py takes the max of the smoothed map for every method, and we leave it so, so that the three
-  methods are scored alike. The paper's reweighting of the image score by the density around the
-  nearest bank entry (eq. 7) is left out, as the official code leaves it out.
-- Coreset: Alg. 1 starts from an empty coreset; we start from one random patch (seeded) and then add
-  the farthest patch at each step, exactly. The official default (ApproximateGreedyCoresetSampler)
-  starts from the mean distance to 10 random patches instead. The projection is Gaussian (the
-  official code uses an untrained nn.Linear); any random projection serves (Johnson-Lindenstrauss).
-- Aggregation: 3x3 average pooling with zero padding, then the official code's two channel poolings
-  (per stage to D, then the stacked 2D to D). The official code pools each stage's flattened
-  C x 3 x 3 patch in one step; for stage 3 (1024 x 9 -> 1024) that is exactly our 3x3 average, for
-  stage 2 (512 x 9 -> 1024 bins of 4.5 values) it weights the window's centre twice.
-- Input: the run's image size without a crop (the official code resizes to 256 and crops 224).
-- Encoder: mvad.FrozenEncoder, so weights are handled as for MVAD and IDIF: ImageNet when the file is
-  there, else a random-init WideResNet50-2 whose BatchNorm statistics are calibrated on the training
-  images (train.py), said in one line.
-- Memory: `fit` holds every training patch's feature, n * V * P * D * 4 bytes (0.2 GB for the
-  synthetic zipper at 128 px); the greedy selection needs a (patches, d) projection beside it.
+- Multi-view (the paper is single-view): `per_camera=True` (default) keeps one bank per camera, 10% of
+  its patches; on the synthetic zipper (CPU profile, seeds 42-44) sample AUROC 90.6 +- 1.7 against
+  85.4 +- 2.7 for one bank over all views, half the fit time, 1 point less pixel AUROC, 3 less AU-PRO.
+- Distance: squared L2, as the official faiss IndexFlatL2 search (the paper writes L2, eq. 6).
+- Image score: eval.py's max of the smoothed map for every method (official: max before smoothing);
+  the paper's density reweighting (eq. 7) is left out, as in the official code.
+- Coreset: exact greedy farthest-point from one seeded random patch (official default: approximate);
+  a Gaussian random projection (official: an untrained nn.Linear).
+- Aggregation: 3x3 average with zero padding, then the official two channel poolings (stage 2 weighs
+  the window's centre twice in the official one-step pooling; stage 3 is the same).
+- Input: the run's image size without a crop (official: resize 256, crop 224).
+- Encoder: mvad.FrozenEncoder (ImageNet, else random-init calibrated on the training images).
+- Memory: `fit` holds every training patch's feature, n * V * P * D * 4 bytes (0.2 GB synthetic, 128 px).
 """
 import math
 from dataclasses import dataclass
