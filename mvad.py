@@ -180,9 +180,9 @@ def windowed_attention(q: torch.Tensor, kv: torch.Tensor, scale: float,
 
     q: (N*Q, m, T, d) per query window; kv: (N*Q, m, k*T, d); mask: None or broadcastable to
     (N*Q, m, T, k*T). Returns (N*Q, m, T, d). PyTorch's fused kernel without gradients and on a GPU
-    (not measured there); on a CPU with gradients the formula, since the fused backward is slow for MVAS's 8-channel heads
-    (forward + backward of MVAS at 128 px input, scale 0, freed memory reused as train.py runs,
-    2-core AMD EPYC: 135 ms fused, 74 ms by the formula).
+    (not measured there); on a CPU with gradients the formula, since the fused backward is slow for
+    MVAS's 8-channel heads (forward + backward of MVAS at 128 px input, scale 0, freed memory reused
+    as train.py runs, 2-core AMD EPYC: 135 ms fused, 74 ms by the formula).
     """
     if q.is_cuda or not (torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad)):
         return F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=scale)
@@ -801,8 +801,9 @@ class MVAD(nn.Module):
         fused = teacher if self.fusion is None else [
             fuse(t.unflatten(0, (B, V)), view_mask).flatten(0, 1)  # (B*V, C_s, h_s, w_s)
             for fuse, t in zip(self.fusion, teacher)]
-        # MVAD STEP 3 of 5 (RD4AD, arXiv:2201.10703, one-class bottleneck and reverse distillation; the
-        # official model/mvad.py's fusion): OCBE bottleneck, then the student decoder reconstructs the teacher's scales
+        # MVAD STEP 3 of 5 (RD4AD, arXiv:2201.10703: one-class bottleneck embedding, reverse distillation;
+        # the scales fused as the official model/mvad.py): OCBE, then the student decoder reconstructs the
+        # teacher's scales
         bottleneck = self.bottleneck(*fused)  # (B*V, 2*C_2, H/32, W/32)
         student = self.decoder(bottleneck)  # S x (B*V, C_s, h_s, w_s)
         return teacher, student
