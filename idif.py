@@ -243,7 +243,7 @@ def student_encoder() -> nn.Sequential:
 
 
 def feed_forward(dim: int) -> nn.Sequential:
-    """The transformer FFN: (N, T, dim) -> (N, T, dim), hidden width 4 dim."""
+    """The transformer FFN: (B, T, dim) -> (B, T, dim), hidden width 4 dim."""
     return nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
 
