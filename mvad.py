@@ -157,21 +157,25 @@ def mvas_windows(q: torch.Tensor, table: torch.Tensor, pooled: torch.Tensor, can
     # STEP 3 (same section): gather the selected windows' raw tokens, K_m^K = V_m^K: whole windows at once
     selected = table.index_select(0, rows.flatten()).view(N * A, k * T, C)  # (N*A, k*T, C)
 
-    # STEP 4 ("Neighbourhood Correlative Cross-Attention"): X_s^o = Attention(Q_s, K_m^K, V_m^K) per window,
-    # m heads, no projections; scale C^-0.5
-    # (see mvas_attention); padded zero tokens are not masked (as in the official code)
+    # STEP 4 ("Neighbourhood Correlative Cross-Attention"): X_s^o = Attention(Q_s, K_m^K, V_m^K) per
+    # window, m heads, no projections, scale C^-0.5 (see mvas_attention); padded zero tokens are not
+    # masked (as in the official code)
     q = q.reshape(N * A, T, num_heads, d).transpose(1, 2)  # (N*A, m, T, d), a view
     kv = selected.view(N * A, k * T, num_heads, d).transpose(1, 2)  # (N*A, m, k*T, d), a view
     if present is None:
         out = windowed_attention(q, kv, C ** -0.5)  # (N*A, m, T, d)
     else:
-        # windows of missing views are selected only when fewer than k present ones exist: mask
-        # their tokens; a window with nothing valid keeps finite logits, then is zeroed
-        valid = present.gather(1, index.flatten(1)).view(N * A, 1, 1, k)
-        valid = valid.repeat_interleave(T, dim=-1)  # (N*A, 1, 1, k*T)
-        any_valid = valid.any(dim=-1, keepdim=True)  # (N*A, 1, 1, 1)
-        out = windowed_attention(q, kv, C ** -0.5, valid | ~any_valid) * any_valid  # (N*A, m, T, d)
+        valid = present.gather(1, index.flatten(1)).view(N * A, 1, 1, k)  # selected window present?
+        out = attention_over_present(q, kv, C ** -0.5, valid.repeat_interleave(T, dim=-1))
     return out.transpose(1, 2).reshape(N, A, T, C)  # (N, A, T, C)
+
+
+def attention_over_present(q: torch.Tensor, kv: torch.Tensor, scale: float, valid: torch.Tensor) -> torch.Tensor:
+    """`windowed_attention` that leaves out the tokens of missing views' windows (valid: (N*Q, 1, 1,
+    k*T), False for them). Such windows are selected only when fewer than k present ones exist; a
+    query window with no valid token keeps finite logits, then its output is zeroed."""
+    any_valid = valid.any(dim=-1, keepdim=True)  # (N*Q, 1, 1, 1)
+    return windowed_attention(q, kv, scale, valid | ~any_valid) * any_valid  # (N*Q, m, T, d)
 
 
 def windowed_attention(q: torch.Tensor, kv: torch.Tensor, scale: float,
@@ -198,9 +202,9 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
     top-k most correlated windows among all windows of the other views. No learnable parameters.
 
     Args:
-        query: (N, H, W, C) the query view's features plus the positional embedding.
-        others: (N, V-1, H, W, C) the other views' raw features (keys = values, no projections).
-        n_win: a, windows per side; H and W are zero-padded to a multiple of it.
+        query: (N, h, w, C) the query view's features plus the positional embedding.
+        others: (N, V-1, h, w, C) the other views' raw features (keys = values, no projections).
+        n_win: a, windows per side; h and w are zero-padded to a multiple of it.
         topk: k, windows selected per query window, over the windows of all other views together
             (clamped to the number of candidate windows).
         num_heads: m; channels are split head-major (head i gets channels i*d .. (i+1)*d - 1).
@@ -208,7 +212,7 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
             windows of missing views are never selected and never attended to; a query with no
             present other view gets a zero output).
     Returns:
-        (N, H, W, C) the attention output (no output projection).
+        (N, h, w, C) the attention output (no output projection).
 
     The official code scales by C^-0.5 with the FULL channel dim, for the routing and for every
     head (standard multi-head attention would use d^-0.5); we follow the code. Same outputs as
@@ -218,7 +222,7 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
     whole from a flat table instead of through an expanded token index, and the attention is fused
     where that is faster (`windowed_attention`).
     """
-    N, H, W, C = query.shape
+    N, h, w, C = query.shape
     # STEP 1 (arXiv:2407.11935, MVAS, "Neighbourhood Attention Window"): X -> X_a (v, a^2, hw/a^2, c), zero
     # padding included (only the query windows that hold image tokens: the others' outputs would be cropped in STEP 5)
     q = window_partition(query, n_win, image_only=True)  # (N, Q, T, C), Q <= A
@@ -233,7 +237,7 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
     out = mvas_windows(q, table, table.detach().mean(dim=1), candidates, topk, num_heads, present)  # (N, Q, T, C)
 
     # STEP 5 ("Neighbourhood Correlative Cross-Attention"): un-window to Y_s^o (h, w, c), crop the padding
-    return window_unpartition(out, n_win, H, W)  # (N, H, W, C)
+    return window_unpartition(out, n_win, h, w)  # (N, h, w, C)
 
 
 def full_cross_attention(query: torch.Tensor, others: torch.Tensor, num_heads: int = 8) -> torch.Tensor:
