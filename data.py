@@ -17,11 +17,14 @@ Where the dataset and the papers are silent, we chose:
 - Folders: the smallest `realiad_<res>` >= image_size; the category may sit in one extra wrapping folder.
 - Labels as the official MVAD code (lewandofskee/MVAD, data/ad_dataset.py, trainer/mvad_trainer.py):
   a sample is anomalous when any view's JSON class is not `meta.normal_class`, a view when its resized
-  mask keeps a defect pixel; a view with class "OK" or no mask (the release's form) has an empty mask.
+  mask keeps a defect pixel (so a tiny defect can leave its view normal and its sample anomalous).
+- Views of a defective sample without the defect: class "OK" and no mask, as the release; or a defect
+  class without a mask; both get an empty mask.
 - Images: shorter side resized (bilinear, antialiased), centre-cropped; masks `> 0` at their own
   resolution, resized the same way, `> 0.5` (the official code).
 - Pseudo-anomalies: DRAEM's Perlin masks and beta blending, textures procedural, cut from another
-  training image or read from a DTD folder; each view corrupted with probability 0.5 (DRAEM's rate).
+  training image or read from a DTD folder; each view corrupted with probability 0.5 (DRAEM's rate),
+  anywhere in the image (background included, as DRAEM).
 """
 import argparse
 import json
