@@ -1,4 +1,4 @@
-"""Tests of synthetic.py: the built-in synthetic Real-IAD (objects, cameras, defects, the cache, its command line)."""
+"""Tests of synthetic.py: the built-in synthetic Real-IAD (objects, cameras, defects, cache, command line)."""
 import json
 import math
 import subprocess
