@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
+import synthetic
 from eval import (METHODS, PAPER_SETTINGS, PRECISIONS, EvalConfig, autocast, compile_model, distributed_run, place,
                   protocol_note, resolve_device, setup_process)
 from eval import main as evaluate_run
@@ -165,8 +166,8 @@ def data_root_for(cfg: TrainConfig, log) -> Path:
     if root is not None:
         return root
     categories = cfg.category.split(",")
-    root = data.synthetic_root(categories, n_train=cfg.synthetic_train,
-                               n_test_normal=cfg.synthetic_test, n_test_defect=cfg.synthetic_test)
+    root = synthetic.synthetic_root(categories, n_train=cfg.synthetic_train,
+                                    n_test_normal=cfg.synthetic_test, n_test_defect=cfg.synthetic_test)
     log(f"Real-IAD not found (no --data-root, $REALIAD_ROOT or ./data/realiad): using the built-in "
         f"synthetic multi-view dataset, {cfg.category}, at {root}")
     return root

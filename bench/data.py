@@ -2,11 +2,11 @@
 
     python bench/data.py [--quick] [--device cpu|cuda] [--out bench/results]
 
-1. `data.synthesize` writes the default synthetic split (40 train, 30 normal and 30 defective test
+1. `synthetic.synthesize` writes the default synthetic split (40 train, 30 normal and 30 defective test
    samples; --quick: 4, 2, 2) of `zipper` into a temporary folder, at 128 and 256 px: seconds per
    split (median of 3 runs after a warm-up; --quick: one run) and per sample. It renders on one thread.
 2. `data.RealIAD(root, "zipper", "train", image_size)` over the cached synthetic zipper
-   (`data.synthetic_root("zipper")`: 40 training samples of 5 views, stored at 256 px), read through a
+   (`synthetic.synthetic_root("zipper")`: 40 training samples of 5 views, stored at 256 px), read through a
    DataLoader (batch 4, train.py's CPU batch) with 0 and 2 worker processes, at 128 and 256 px, plain
    (MVAD) and wrapped in `data.PseudoAnomalies` (IDIF's input). One epoch = the whole train split
    (--quick: its first 4 samples), workers started afresh each epoch as in train.py; median of 3
@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Subset
 
 import common  # before the project's modules: it puts the repository root on sys.path
 import data
+import synthetic
 
 BATCH = 4  # train.py's CPU batch size
 VIEWS = len(data.CAMERAS)
@@ -46,17 +47,17 @@ def main() -> None:
     synthesis = []
     for resolution in (128, 256):
         with tempfile.TemporaryDirectory() as folder:
-            seconds = common.median_seconds(lambda: data.synthesize(folder, "zipper", *split, resolution=resolution),
+            seconds = common.median_seconds(lambda: synthetic.synthesize(folder, "zipper", *split, resolution=resolution),
                                             "cpu", repeats, warmup)
         synthesis.append({"resolution": resolution, "samples": sum(split), "seconds": seconds})
-    common.print_table(f"data.synthesize: zipper, {split[0]} train + {split[1]} normal + {split[2]} defective "
+    common.print_table(f"synthetic.synthesize: zipper, {split[0]} train + {split[1]} normal + {split[2]} defective "
                        f"test samples (5 views each), one thread, median of {repeats}",
                        ["resolution", "samples", "seconds", "s/sample"],
                        [[f"{r['resolution']} px", r["samples"], f"{r['seconds']:.2f}",
                          f"{r['seconds'] / r['samples']:.3f}"] for r in synthesis])
 
     # 2. loading throughput
-    root = data.synthetic_root("zipper")
+    root = synthetic.synthetic_root("zipper")
     loading = []
     for image_size in (128, 256):
         plain = data.RealIAD(root, "zipper", "train", image_size=image_size)

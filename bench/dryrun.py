@@ -3,7 +3,7 @@ category names of the synthetic data, each phase timed and each process's peak m
 
     python bench/dryrun.py [--quick] [--processes 2] [--method mvad] [--category all] [--epochs 1]
 
-1. Data: `data.synthetic_root(category, ...)`, the generator behind `python data.py synth`, for all 30
+1. Data: `synthetic.synthetic_root(category, ...)`, the generator behind `python synthetic.py`, for all 30
    category names at reduced size (default: 4 training, 2 normal and 2 defective test samples each,
    stored at 128 px; --quick: 2 categories). Timed; cached like train.py's synthetic data.
 2. N processes (--processes), started as `torchrun --nproc_per_node=N` starts them (its environment
@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 import common  # before the project's modules: it puts the repository root on sys.path
 import data
 import eval as evaluation
+import synthetic
 import train
 
 MIB = 2.0**20
@@ -162,8 +163,8 @@ def main() -> None:
     categories = ["audiojack", "zipper"] if args.quick else (data.CATEGORIES if args.category == "all"
                                                              else args.category.split(","))
     started = time.perf_counter()
-    root = data.synthetic_root(list(categories), n_train=args.train, n_test_normal=args.test,
-                               n_test_defect=args.test, resolution=args.resolution)
+    root = synthetic.synthetic_root(list(categories), n_train=args.train, n_test_normal=args.test,
+                                    n_test_defect=args.test, resolution=args.resolution)
     generation = time.perf_counter() - started
     print(f"synthetic data: {len(categories)} categories x ({args.train} training, {args.test} + {args.test} test) "
           f"samples at {args.resolution} px in {root}: {generation:.1f} s (0 when cached)")

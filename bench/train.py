@@ -36,7 +36,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 import common  # before the project's modules: it puts the repository root on sys.path
-import data
+import synthetic
 import train
 
 # The parts of each model: (name, bucket, submodules); a ModuleList stands for its members.
@@ -63,7 +63,7 @@ def build(method: str, image_size: int, batch_size: int, device: str, layout: st
     memory format where train.py would use channels-last (eval.place), for the before/after."""
     cfg = train.resolve(train.TrainConfig(method=method, image_size=image_size, batch_size=batch_size,
                                           weights="none", device=device))
-    dataset = train.training_set(cfg, data.synthetic_root("zipper"))
+    dataset = train.training_set(cfg, synthetic.synthetic_root("zipper"))
     _, model, optimizer = train.build_model(cfg, dataset[0]["images"].shape[0], device)
     if layout == "contiguous":
         model.to(memory_format=torch.contiguous_format)

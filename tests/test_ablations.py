@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import data
+import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,8 +26,8 @@ def load_runner():
 
 def test_quick_run_writes_every_variant_and_a_second_call_skips_them(tmp_path, capsys, monkeypatch):
     ablations = load_runner()
-    root = data.synthesize(tmp_path / "data", "zipper", n_train=4, n_test_normal=2, n_test_defect=2,
-                           resolution=64, seed=0)
+    root = synthetic.synthesize(tmp_path / "data", "zipper", n_train=4, n_test_normal=2, n_test_defect=2,
+                                resolution=64, seed=0)
     argv = ["--quick", "--seeds", "1", "--data-root", str(root), "--runs", str(tmp_path / "runs"),
             "--out", str(tmp_path / "out")]
     results = ablations.main(argv)

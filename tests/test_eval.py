@@ -21,6 +21,7 @@ from PIL import Image
 from torch.testing import assert_close
 
 import data
+import synthetic
 from eval import (ADEVAL_SAMPLE_KEY, LEVEL_KEYS, ADEvalExport, EvalConfig, adeval_argv, camera_statistics, cli,
                   drop_views_mask, evaluate, find_data_root, format_table, load_model, main)
 from eval import connected_components as eval_connected_components
@@ -35,7 +36,7 @@ SIZE = 64
 def synthetic_root(tmp_path_factory) -> Path:
     """A few synthetic zipper samples in the Real-IAD layout."""
     root = tmp_path_factory.mktemp("realiad")
-    data.synthesize(root, "zipper", n_train=2, n_test_normal=2, n_test_defect=3, resolution=SIZE)
+    synthetic.synthesize(root, "zipper", n_train=2, n_test_normal=2, n_test_defect=3, resolution=SIZE)
     return root
 
 
@@ -400,7 +401,7 @@ def test_data_root_rules(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("REALIAD_ROOT", raising=False)
     calls = []
-    monkeypatch.setattr(data, "synthetic_root", lambda category, **sizes: calls.append((category, sizes)) or tmp_path)
+    monkeypatch.setattr(synthetic, "synthetic_root", lambda category, **sizes: calls.append((category, sizes)) or tmp_path)
     run = {"data_root": None, "category": "zipper", "synthetic_train": 3, "synthetic_test": 2}
     assert find_data_root(None, run, "toy") == tmp_path
     assert calls == [("toy", {"n_train": 3, "n_test_normal": 2, "n_test_defect": 2})]

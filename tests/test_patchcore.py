@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import data
+import synthetic
 from mvad import gaussian_blur
 from patchcore import (PatchCore, PatchCoreConfig, channel_pool, coreset_indices, greedy_coreset,
                        nearest_neighbour_distance, patch_features)
@@ -24,8 +25,8 @@ def tiny_model(**overrides) -> PatchCore:
 @pytest.fixture(scope="module")
 def zipper(tmp_path_factory):
     """(training samples, normal test samples) of a tiny synthetic zipper, (S, V, 3, 64, 64) each."""
-    root = data.synthesize(tmp_path_factory.mktemp("zipper"), "zipper", n_train=4, n_test_normal=2,
-                           n_test_defect=0, resolution=SIZE, seed=0)
+    root = synthetic.synthesize(tmp_path_factory.mktemp("zipper"), "zipper", n_train=4, n_test_normal=2,
+                                n_test_defect=0, resolution=SIZE, seed=0)
     split = lambda name: torch.stack([s["images"] for s in data.RealIAD(root, "zipper", name, SIZE)])  # noqa: E731
     return split("train"), split("test")
 

@@ -19,6 +19,7 @@ import train
 from eval import EvalConfig, load_model
 from eval import main as evaluate_run
 from mvad import FrozenEncoder
+from synthetic import SYNTHETIC_CACHE, synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small models: MVAS with few windows, a small voxel; 64x64 images, 4 + 2 + 2 synthetic samples.
@@ -31,7 +32,7 @@ TINY_MODEL = {"mvad": {"n_win": (2, 2, 2), "blocks": (1, 1, 1)},
 def synthetic(tmp_path_factory):
     """A tiny synthetic zipper in the Real-IAD layout, shared by the tests of this module."""
     out = tmp_path_factory.mktemp("synthetic")
-    data.synthesize(out, "zipper", n_train=4, n_test_normal=2, n_test_defect=2, resolution=64, seed=0)
+    synthesize(out, "zipper", n_train=4, n_test_normal=2, n_test_defect=2, resolution=64, seed=0)
     return out
 
 
@@ -273,7 +274,7 @@ def test_runs_off_the_papers_settings_say_so_in_one_line():
                     "--no-view-norm --weights imagenet")
     papers = {"method": "mvad", "train": {"category": "all", **train.PROFILES["gpu"]}, "epoch": 100}
     assert train.protocol_note(papers, Path("/data/Real-IAD"), view_norm=False) is None
-    synthetic = train.protocol_note(papers, data.SYNTHETIC_CACHE / "zipper-40-30-30-256px-seed0-v3", False)
+    synthetic = train.protocol_note(papers, SYNTHETIC_CACHE / "zipper-40-30-30-256px-seed0-v3", False)
     assert synthetic.endswith("built-in synthetic data (papers: Real-IAD). The papers' protocol: python train.py "
                               "--method mvad --category all --data-root /path/to/Real-IAD --image-size 256 "
                               "--batch-size 8 --epochs 100 --no-view-norm --weights imagenet")
