@@ -180,7 +180,7 @@ def rotate_and_project(voxel: torch.Tensor, theta: torch.Tensor, size: tuple[int
 
     In affine_grid's normalised coordinates (x: Wv, y: Hv pointing down, z: Dv), a view at theta
     samples the voxel at R(theta) (x, y, z): at theta = 0 it looks along the depth axis; theta grows
-    counter-clockwise seen from above, like the azimuths of data.CAMERA_POSES.
+    counter-clockwise seen from above, like the azimuths of synthetic.CAMERA_POSES.
 
     Args:
         voxel: (B, C, Dv, Hv, Wv) the fused voxel P_n.

@@ -19,7 +19,7 @@ Shape legend (the same letters in every file): B samples, V views per sample, N 
 pairs, e.g. B*V), n items in a list (samples of a split, scores), C channels, H x W image, h x w feature
 map, S scales, m heads, d = C / m channels per head, T tokens per attention unit (an MVAS window; an
 IDIF view). Here also: a = n_win windows per side, A = a*a windows, Q query windows holding image
-tokens, k top-k windows, M = (V-1) A candidate windows, R rows of the key/value window table.
+tokens, k top-k windows, M = (V-1) A candidate windows; the key/value window table has `rows` rows.
 
 Run: `python train.py --method mvad --category zipper`; tests: `python -m pytest tests/test_mvad.py`.
 A bad argument raises ValueError (Python's type for it; the command lines print it as one line).
@@ -138,8 +138,8 @@ def mvas_windows(q: torch.Tensor, table: torch.Tensor, pooled: torch.Tensor, can
     Args:
         q: (N, Q, T, C) the query views' windows (`window_partition` of query + P; all a*a, or
             only those holding image tokens, whose outputs are not cropped away).
-        table: (R, T, C) key/value windows, the other views' raw features (`window_partition`).
-        pooled: (R, C) table.mean(dim=1), the windows' mean-pooled features for the routing.
+        table: (rows, T, C) key/value windows, the other views' raw features (`window_partition`).
+        pooled: (rows, C) table.mean(dim=1), the windows' mean-pooled features for the routing.
         candidates: (N, M) long, the table rows of each query's candidate windows, in the official
             order (view-major: the windows of its first other view, then of the second, ...).
         topk: k, clamped to M. num_heads: m.
@@ -228,7 +228,7 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
     q = window_partition(query, n_win, image_only=True)  # (N, Q, T, C), Q <= A
     table = window_partition(others, n_win)  # (N, V-1, A, T, C)
     _, n_other, A, T, _ = table.shape
-    table = table.reshape(N * n_other * A, T, C)  # (R, T, C), R = N*(V-1)*A rows, view-major per query
+    table = table.reshape(N * n_other * A, T, C)  # (N*(V-1)*A, T, C), view-major per query
     candidates = torch.arange(N * n_other * A, device=query.device).view(N, n_other * A)  # (N, M)
     present = None if view_mask is None else view_mask.repeat_interleave(A, dim=1)  # (N, M)
 
