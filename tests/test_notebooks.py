@@ -85,6 +85,11 @@ EXPECTED = {
 # markdown cell and in the text that a code cell printed (whitespace runs read as one space), so that the
 # prose and the outputs cannot drift apart when a notebook is executed again.
 QUOTED = {
+    "04_idif": ["trained 0.88, untrained 0.07", "C1: |f_E| 15.96 |f_s| 7.41", "mean Sigma = 0.157", "0.146", "1.771",
+                "= 0.164", "untrained 0.27, trained 0.11", "largest change of an angle in training: 7.74 degrees",
+                "untrained 0.96, trained 1.00", "untrained 10.26, trained 1.04",
+                "defect views [0.318, 0.319], normal views [0.188, 0.184, 0.21]", "dropped share: 0.2026", "3.9e-03",
+                "5.4e-01"],
     "05_training": ["batch 4, 15 epochs", "41.70 -> 13.73", "0.7% lower than the one before", "6.29 -> 1.59",
                     "22.4 s per epoch", "13.8 s per epoch", "94.7/95.5/87.9", "91.1/93.7/86.8",
                     "mvad: highest raw score C5 (normal view)", "highest normalised score C4 (defect view)",
