@@ -1,6 +1,7 @@
 """Executes every notebook top to bottom with nbclient, in quick mode, as CI does: a cell that raises fails
-the notebook's test, and so does an output of 01, 05 or 06 that lacks what the notebook explains (EXPECTED).
-Also checks that the committed notebooks are valid, small and free of error outputs.
+the notebook's test, and so does an output of 01, 04, 05 or 06 that lacks what the notebook explains (EXPECTED).
+Also checks that the committed notebooks are valid, small and free of error outputs, and that every number their
+markdown quotes from an output is printed by that output (QUOTED).
 
 Quick mode (NOTEBOOK_QUICK=1) shrinks the data, models and epochs (06 draws the committed
 bench/results/ablations.json in both modes); all six notebooks take about 90 seconds on a 2-core CPU. The kernel runs with one OpenMP thread unless OMP_NUM_THREADS is set: the notebooks' tensors
