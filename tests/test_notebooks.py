@@ -1,6 +1,7 @@
 """Executes every notebook top to bottom with nbclient, in quick mode, as CI does: a cell that raises fails
-the notebook's test, and so does an output of 01, 05 or 06 that lacks what the notebook explains (EXPECTED).
-Also checks that the committed notebooks are valid, small and free of error outputs.
+the notebook's test, and so does an output of 01, 04, 05 or 06 that lacks what the notebook explains (EXPECTED).
+Also checks that the committed notebooks are valid, small and free of error outputs, and that every number their
+markdown quotes from an output is printed by that output (QUOTED).
 
 Quick mode (NOTEBOOK_QUICK=1) shrinks the data, models and epochs (06 draws the committed
 bench/results/ablations.json in both modes); all six notebooks take about 90 seconds on a 2-core CPU. The kernel runs with one OpenMP thread unless OMP_NUM_THREADS is set: the notebooks' tensors
@@ -40,7 +41,8 @@ def test_saved_notebook_is_valid_small_and_error_free(name):
 
 # What the quick-mode run of a notebook must print (regular expressions, each searched in the
 # text outputs of its code cells), beyond running without error: the facts its prose explains.
-# 01: 2 normal + 10 defective test samples at 128 px; 05: 8 training samples, 3 epochs, both methods.
+# 01: 2 normal + 10 defective test samples at 128 px; 04: the tiny model after 2 epochs; 05: 8 training samples,
+# 3 epochs, both methods, 2 draws of the dropped views.
 EXPECTED = {
     "01_multiview_data": [
         r"C1: top  camera, azimuth   270 deg, elevation  90 deg\nC2: side camera",
@@ -53,6 +55,12 @@ EXPECTED = {
         r"defective samples by number of views that show the defect: \{0: 0, ",
         r"corrupted     \(5, 3, 128, 128\)",
         r"same item twice identical: True\nepoch 1 differs from epoch 0: True",
+    ],
+    "04_idif": [
+        r"epoch 2/2  loss \d+\.\d+",
+        r"the steps above reproduce model\.features",
+        r"weight on C3's keys: 0\.0\n",
+        r"C3 absent : max \|map change\| per view \['0\.0e\+00', '0\.0e\+00', '0\.0e\+00', '0\.0e\+00', '0\.0e\+00'\]",
     ],
     "06_ablations": [
         r"settings: \{'profile': 'cpu', 'image_size': 128, 'batch_size': 4, 'epochs': 5",
@@ -67,9 +75,46 @@ EXPECTED = {
         r"idif / zipper +\d+\.\d/",
         r"'history\.json', 'last\.pt', 'metrics\.json', 'metrics\.md', 'roc\.png'",
         r"views that show the defect: \[[01], [01], [01], [01], [01]\]",
-        r"(\n +[0-4] +[1-5] +\d+\.\d / \d+\.\d / \d+\.\d +\d+\.\d / \d+\.\d / \d+\.\d +9\d\.\d){5}",
+        r"sample AUROC \(%\) over 2 draws of the dropped views",
+        r"(\n +[0-4] +\d+\.\d \(\d+-\d+\)( +\d+\.\d ± +\d+\.\d \( *\d+\.\d- *\d+\.\d\)){2} +9\d\.\d){5}",
+        r"mvad: highest raw score C\d \((normal|defect) view\); highest normalised score C\d",
     ],
 }
+
+
+# What a notebook's markdown quotes from its own (full-mode, committed) outputs: each string must occur in a
+# markdown cell and in the text that a code cell printed (whitespace runs read as one space), so that the
+# prose and the outputs cannot drift apart when a notebook is executed again.
+QUOTED = {
+    "04_idif": ["trained 0.88, untrained 0.07", "C1: |f_E| 15.96 |f_s| 7.41", "mean Sigma = 0.157", "0.146", "1.771",
+                "= 0.164", "untrained 0.27, trained 0.11", "largest change of an angle in training: 7.74 degrees",
+                "untrained 0.96, trained 1.00", "untrained 10.26, trained 1.04",
+                "defect views [0.318, 0.319], normal views [0.188, 0.184, 0.21]", "dropped share: 0.2026", "3.9e-03",
+                "5.4e-01"],
+    "05_training": ["batch 4, 15 epochs", "41.70 -> 13.73", "0.7% lower than the one before", "6.29 -> 1.59",
+                    "22.4 s per epoch", "13.8 s per epoch", "94.7/95.5/87.9", "91.1/93.7/86.8",
+                    "mvad: highest raw score C5 (normal view)", "highest normalised score C4 (defect view)",
+                    "16.8 (14-19)", "49.7", "66.5", "57.9 ± 5.9", "94.8 ± 0.6", "96.9 ± 1.3", "97.4 ± 2.0",
+                    "96.8 ± 1.2", "64.2 ± 3.0", "95.3 ± 2.6"],
+    "06_ablations": ["91.2 ± 2.3", "82.8 ± 4.6", "86.7 ± 4.8", "90.6 ± 1.7", "65.2 to 86.8", "79.4 to 88.0",
+                     "81.4 to 90.8", "65.2 to 66.0", "88.6 to 91.8", "30, 27, 22, 18, 15", "86.7, 88.7, 94.1, 96.7",
+                     "90.3, 83.9, 77.0", "96.7, 92.9", "90.3, 84.8"],
+}
+
+
+def squeeze(text):
+    """Whitespace runs (line breaks, column padding) as one space."""
+    return " ".join(text.split())
+
+
+@pytest.mark.parametrize("name", sorted(QUOTED))
+def test_markdown_quotes_only_numbers_the_outputs_show(name):
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    markdown = squeeze(" ".join(c.source for c in nb.cells if c.cell_type == "markdown"))
+    printed = squeeze(" ".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs))
+    for quote in QUOTED[name]:
+        assert squeeze(quote) in markdown, f"{name}: the markdown no longer quotes {quote!r}; update QUOTED"
+        assert squeeze(quote) in printed, f"{name}: the markdown quotes {quote!r}, which no printed output shows"
 
 
 @pytest.mark.parametrize("name", NAMES)
