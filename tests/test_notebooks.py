@@ -1,6 +1,7 @@
 """Executes every notebook top to bottom with nbclient, in quick mode, as CI does: a cell that raises fails
 the notebook's test, and so does an output of 01, 05 or 06 that lacks what the notebook explains (EXPECTED).
-Also checks that the committed notebooks are valid, small and free of error outputs.
+Also checks that the committed notebooks are valid, small and free of error outputs, and that every number their
+markdown quotes from their own outputs (QUOTED) occurs in the saved outputs.
 
 Quick mode (NOTEBOOK_QUICK=1) shrinks the data, models and epochs (06 draws the committed
 bench/results/ablations.json in both modes); all six notebooks take about 90 seconds on a 2-core CPU. The kernel runs with one OpenMP thread unless OMP_NUM_THREADS is set: the notebooks' tensors
@@ -38,9 +39,45 @@ def test_saved_notebook_is_valid_small_and_error_free(name):
     assert not errors, f"{path.name} was saved with an error output: {errors[0].ename}"
 
 
+# Numbers that a notebook's markdown quotes from its outputs: each string must occur in at least one markdown
+# cell and in the text output of at least one code cell of the committed notebook (its saved full-mode outputs),
+# so that the text cannot drift from what the code prints. The code cells print these numbers in exactly the
+# format the text quotes them.
+QUOTED = {
+    "01_multiview_data": ["by exactly one view: 10 of 30", "seen by 1 to 4 of the 5 views: 19 of 30"],
+    "02_mvas": ["12 of 324 candidate windows are ever chosen", "counterparts among them: 0 of 4",
+                "the MVAS blocks: 14% of the parameters, 12% of the MACs at 256 px",
+                "the whole MVAD: 44.8 GMACs per 5-view sample at 256 px", "views ranked by their score: C5, C2"],
+    "03_complexity": ["the deck's first line is 2.4x too small, its bound 17x",
+                      "dense / MVAS at the official scale 0: 118x", "dense / MVAS 18x",
+                      "dense / MVAS with the best a: 21x at h = w = 16, 171x at 64", "56.4 GMACs", "0.75 GMACs",
+                      "the whole MVAD, counted: 44.8 GMACs per sample"],
+}
+
+
+def saved_texts(name: str) -> tuple[list[str], list[str]]:
+    """(markdown sources, text outputs of the code cells: streams and text/plain results) of a committed notebook."""
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    markdown = [c.source for c in nb.cells if c.cell_type == "markdown"]
+    outputs = [o.get("text", "") if o.output_type == "stream" else o.get("data", {}).get("text/plain", "")
+               for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    return markdown, outputs
+
+
+@pytest.mark.parametrize("name", sorted(QUOTED))
+def test_quoted_numbers_occur_in_the_saved_outputs(name):
+    assert QUOTED[name], f"{name}: list at least one quoted number"
+    markdown, outputs = saved_texts(name)
+    for quote in QUOTED[name]:
+        assert any(quote in text for text in markdown), f"{name}: no markdown cell quotes {quote!r}"
+        assert any(quote in text for text in outputs), \
+            f"{name}: the markdown quotes {quote!r} but no saved output prints it; fix the text or re-execute"
+
+
 # What the quick-mode run of a notebook must print (regular expressions, each searched in the
 # text outputs of its code cells), beyond running without error: the facts its prose explains.
 # 01: 2 normal + 10 defective test samples at 128 px; 05: 8 training samples, 3 epochs, both methods.
+# 02: the hand-checked toy, the step-by-step model against MVAD's own methods, the first block's routing.
 EXPECTED = {
     "01_multiview_data": [
         r"C1: top  camera, azimuth   270 deg, elevation  90 deg\nC2: side camera",
@@ -53,6 +90,17 @@ EXPECTED = {
         r"defective samples by number of views that show the defect: \{0: 0, ",
         r"corrupted     \(5, 3, 128, 128\)",
         r"same item twice identical: True\nepoch 1 differs from epoch 0: True",
+    ],
+    "02_mvas": [
+        r"C1 window 1: mean \(0\.0, 1\.0\) \| A_c \* sqrt\(c\) against C2 windows 0-3: \[1, 0, 1, 3\] -> chosen C2 window 3",
+        r"mvad\.mvas_attention_reference == mvas_from_scratch == the hand computation",
+        r"the steps above reproduce model\.loss and model\.anomaly_map",
+        r"\n +0, 0 +\d+ +\d+ +\d+ +100%",  # the first block routes the same before and after training
+    ],
+    "03_complexity": [  # FLOP counts do not depend on quick mode
+        r"dense / MVAS at the official scale 0: 118x",
+        r"every count equals the exact formula",
+        r"the whole MVAD, counted: 44\.8 GMACs per sample",
     ],
     "06_ablations": [
         r"settings: \{'profile': 'cpu', 'image_size': 128, 'batch_size': 4, 'epochs': 5",
