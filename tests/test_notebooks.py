@@ -1,5 +1,5 @@
 """Executes every notebook top to bottom with nbclient, in quick mode, as CI does: a cell that raises fails
-the notebook's test, and so does an output of 01, 05 or 06 that lacks what the notebook explains (EXPECTED).
+the notebook's test, and so does an output of 01, 02, 03, 05 or 06 that lacks what the notebook explains (EXPECTED).
 Also checks that the committed notebooks are valid, small and free of error outputs, and that every number their
 markdown quotes from their own outputs (QUOTED) occurs in the saved outputs.
 
