@@ -1,5 +1,5 @@
 """Executes every notebook top to bottom with nbclient, in quick mode, as CI does: a cell that raises fails
-the notebook's test, and so does an output of 01, 04, 05 or 06 that lacks what the notebook explains (EXPECTED).
+the notebook's test, and so does an output of 01-06 that lacks what the notebook explains (EXPECTED).
 Also checks that the committed notebooks are valid, small and free of error outputs, and that every number their
 markdown quotes from an output is printed by that output (QUOTED).
 
@@ -41,7 +41,8 @@ def test_saved_notebook_is_valid_small_and_error_free(name):
 
 # What the quick-mode run of a notebook must print (regular expressions, each searched in the
 # text outputs of its code cells), beyond running without error: the facts its prose explains.
-# 01: 2 normal + 10 defective test samples at 128 px; 04: the tiny model after 2 epochs; 05: 8 training samples,
+# 01: 2 normal + 10 defective test samples at 128 px; 02: the hand-checked toy, the step-by-step model against
+# MVAD's own methods, the first block's routing; 04: the tiny model after 2 epochs; 05: 8 training samples,
 # 3 epochs, both methods, 2 draws of the dropped views.
 EXPECTED = {
     "01_multiview_data": [
@@ -55,6 +56,17 @@ EXPECTED = {
         r"defective samples by number of views that show the defect: \{0: 0, ",
         r"corrupted     \(5, 3, 128, 128\)",
         r"same item twice identical: True\nepoch 1 differs from epoch 0: True",
+    ],
+    "02_mvas": [
+        r"C1 window 1: mean \(0\.0, 1\.0\) \| A_c \* sqrt\(c\) against C2 windows 0-3: \[1, 0, 1, 3\] -> chosen C2 window 3",
+        r"mvad\.mvas_attention_reference == mvas_from_scratch == the hand computation",
+        r"the steps above reproduce model\.loss and model\.anomaly_map",
+        r"\n +0, 0 +\d+ +\d+ +\d+ +100%",  # the first block routes the same before and after training
+    ],
+    "03_complexity": [  # FLOP counts do not depend on quick mode
+        r"dense / MVAS at the official scale 0: 118x",
+        r"every count equals the exact formula",
+        r"the whole MVAD, counted: 44\.8 GMACs per sample",
     ],
     "04_idif": [
         r"epoch 2/2  loss \d+\.\d+",
@@ -86,6 +98,14 @@ EXPECTED = {
 # markdown cell and in the text that a code cell printed (whitespace runs read as one space), so that the
 # prose and the outputs cannot drift apart when a notebook is executed again.
 QUOTED = {
+    "01_multiview_data": ["by exactly one view: 10 of 30", "seen by 1 to 4 of the 5 views: 19 of 30"],
+    "02_mvas": ["12 of 324 candidate windows are ever chosen", "counterparts among them: 0 of 4",
+                "the MVAS blocks: 14% of the parameters, 12% of the MACs at 256 px",
+                "the whole MVAD: 44.8 GMACs per 5-view sample at 256 px", "views ranked by their score: C5, C2"],
+    "03_complexity": ["the deck's first line is 2.4x too small, its bound 17x",
+                      "dense / MVAS at the official scale 0: 118x", "dense / MVAS 18x",
+                      "dense / MVAS with the best a: 21x at h = w = 16, 171x at 64", "56.4 GMACs", "0.75 GMACs",
+                      "the whole MVAD, counted: 44.8 GMACs per sample"],
     "04_idif": ["trained 0.88, untrained 0.07", "C1: |f_E| 15.96 |f_s| 7.41", "mean Sigma = 0.157", "0.146", "1.771",
                 "= 0.164", "untrained 0.27, trained 0.11", "largest change of an angle in training: 7.74 degrees",
                 "untrained 0.96, trained 1.00", "untrained 10.26, trained 1.04",
@@ -111,7 +131,8 @@ def squeeze(text):
 def test_markdown_quotes_only_numbers_the_outputs_show(name):
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     markdown = squeeze(" ".join(c.source for c in nb.cells if c.cell_type == "markdown"))
-    printed = squeeze(" ".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs))
+    printed = squeeze(" ".join(o.get("text", "") if o.output_type == "stream" else o.get("data", {}).get("text/plain", "")
+                               for c in nb.cells if c.cell_type == "code" for o in c.outputs))
     for quote in QUOTED[name]:
         assert squeeze(quote) in markdown, f"{name}: the markdown no longer quotes {quote!r}; update QUOTED"
         assert squeeze(quote) in printed, f"{name}: the markdown quotes {quote!r}, which no printed output shows"
