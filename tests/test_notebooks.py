@@ -60,7 +60,7 @@ EXPECTED = {
     "02_mvas": [
         r"C1 window 1: mean \(0\.0, 1\.0\) \| A_c \* sqrt\(c\) against C2 windows 0-3: \[1, 0, 1, 3\] -> chosen C2 window 3",
         r"mvad\.mvas_attention_reference == mvas_from_scratch == the hand computation",
-        r"the steps above reproduce model\.loss and model\.anomaly_map",
+        r"the steps above reproduce model\(images\), the loss, and model\.anomaly_map",
         r"\n +0, 0 +\d+ +\d+ +\d+ +100%",  # the first block routes the same before and after training
     ],
     "03_complexity": [  # FLOP counts do not depend on quick mode
