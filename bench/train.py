@@ -47,7 +47,7 @@ PARTS = {
              ("decoder", "student", ["decoder"])],
     "idif": [("frozen teacher", "teacher", ["teacher"]),
              ("student encoder", "student", ["student"]),
-             ("consistency bottleneck", "fusion", ["bottleneck", "bottleneck.reconstruct"]),  # + its L_IB decoder
+             ("consistency bottleneck", "fusion", ["bottleneck"]),  # f_c = decode(c) is its L_IB mean too
              ("implicit voxel", "fusion", ["implicit_voxel"]),
              ("STN", "fusion", ["stn"]),
              ("view decoders", "student", ["decoders"])],
@@ -105,11 +105,13 @@ class _Note(torch.autograd.Function):
 
 
 def _note_tensors(x, label, notes, device):
-    """x with every tensor in it that requires grad passed through _Note (tensors, lists, tuples)."""
+    """x with every tensor in it that requires grad passed through _Note (tensors, lists, tuples and
+    named tuples such as idif.Latent)."""
     if isinstance(x, torch.Tensor):
         return _Note.apply(x, label, notes, device) if x.requires_grad else x
     if isinstance(x, (list, tuple)):
-        return type(x)(_note_tensors(y, label, notes, device) for y in x)
+        items = [_note_tensors(y, label, notes, device) for y in x]
+        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
     return x
 
 
