@@ -165,22 +165,16 @@ def mvas_windows(q: torch.Tensor, table: torch.Tensor, pooled: torch.Tensor, can
     if present is None:
         out = windowed_attention(q, kv, C ** -0.5)  # (N*A, m, T, d)
     else:
+        # windows of missing views are selected only when fewer than k present ones exist: masked out
         valid = present.gather(1, index.flatten(1)).view(N * A, 1, 1, k)  # selected window present?
-        out = attention_over_present(q, kv, C ** -0.5, valid.repeat_interleave(T, dim=-1))
+        out = windowed_attention(q, kv, C ** -0.5, valid.repeat_interleave(T, dim=-1))  # (N*A, m, T, d)
     return out.transpose(1, 2).reshape(N, A, T, C)  # (N, A, T, C)
-
-
-def attention_over_present(q: torch.Tensor, kv: torch.Tensor, scale: float, valid: torch.Tensor) -> torch.Tensor:
-    """`windowed_attention` that leaves out the tokens of missing views' windows (valid: (N*Q, 1, 1,
-    k*T), False for them). Such windows are selected only when fewer than k present ones exist; a
-    query window with no valid token keeps finite logits, then its output is zeroed."""
-    any_valid = valid.any(dim=-1, keepdim=True)  # (N*Q, 1, 1, 1)
-    return windowed_attention(q, kv, scale, valid | ~any_valid) * any_valid  # (N*Q, m, T, d)
 
 
 def windowed_attention(q: torch.Tensor, kv: torch.Tensor, scale: float,
                        mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q kv^T * scale) kv per window and head (keys = values), False in mask = left out.
+    """softmax(q kv^T * scale) kv per window and head (keys = values), False in mask = left out; a
+    query whose keys are all left out gets a zero output (its logits are kept finite, then zeroed).
 
     q: (N*Q, m, T, d) per query window; kv: (N*Q, m, k*T, d); mask: None or broadcastable to
     (N*Q, m, T, k*T). Returns (N*Q, m, T, d). PyTorch's fused kernel without gradients and on a GPU
@@ -188,12 +182,17 @@ def windowed_attention(q: torch.Tensor, kv: torch.Tensor, scale: float,
     MVAS's 8-channel heads (forward + backward of MVAS at 128 px input, scale 0, freed memory reused
     as train.py runs, 2-core AMD EPYC: 135 ms fused, 74 ms by the formula).
     """
-    if q.is_cuda or not (torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad)):
-        return F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=scale)
-    attn = (q * scale) @ kv.transpose(-2, -1)  # (N*Q, m, T, k*T)
+    any_valid = None if mask is None else mask.any(dim=-1, keepdim=True)  # (..., 1) a key left?
     if mask is not None:
-        attn = attn.masked_fill(~mask, float("-inf"))
-    return attn.softmax(dim=-1) @ kv  # (N*Q, m, T, d)
+        mask = mask | ~any_valid  # a query with no key left attends to all of them, then is zeroed
+    if q.is_cuda or not (torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad)):
+        out = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=scale)  # (N*Q, m, T, d)
+    else:
+        attn = (q * scale) @ kv.transpose(-2, -1)  # (N*Q, m, T, k*T)
+        if mask is not None:
+            attn = attn.masked_fill(~mask, float("-inf"))
+        out = attn.softmax(dim=-1) @ kv  # (N*Q, m, T, d)
+    return out if any_valid is None else out * any_valid
 
 
 def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: int,
