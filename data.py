@@ -346,6 +346,16 @@ def default_real_iad() -> Path | None:
     return None
 
 
+def find_real_iad(data_root: str | None) -> Path | None:
+    """The Real-IAD folder: --data-root (which must exist), else `default_real_iad`."""
+    if data_root is None:
+        return default_real_iad()
+    if not Path(data_root).is_dir():
+        raise UserError(f"--data-root {data_root}: no such folder; pass the folder that holds "
+                        "realiad_<res>/ and realiad_jsons/ (see README)")
+    return Path(data_root)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Perlin noise (Perlin 2002), for the pseudo-anomalies (and synthetic.py's defect outlines)
 

@@ -60,7 +60,7 @@ import pickle
 import re
 import shlex
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,23 +136,27 @@ def f1_max(scores, labels) -> float:
     Returns:
         F1-max in [0, 1]; NaN when the labels hold only one class.
     """
-    scores, labels = _numpy(scores).ravel(), _numpy(labels).ravel() > 0
-    if not _both_classes(labels):
-        return math.nan
-    precision, recall, _ = precision_recall_curve(labels, scores)
-    f1 = 2 * precision * recall / np.maximum(precision + recall, np.finfo(float).tiny)
-    return float(f1.max())
+    curve = _f1_curve(scores, labels)
+    return math.nan if curve is None else float(curve[0].max())
 
 
 def f1_max_threshold(scores, labels) -> float:
     """The score at which F1 is largest (a score >= it is called anomalous): the decision
     threshold that `predict` applies. (n,), (n,) -> float; NaN with one class only."""
+    curve = _f1_curve(scores, labels)
+    if curve is None:
+        return math.nan
+    f1, thresholds = curve
+    return float(thresholds[np.argmax(f1[:-1])])  # the last point (recall 0) has no threshold
+
+
+def _f1_curve(scores, labels) -> tuple[np.ndarray, np.ndarray] | None:
+    """(F1 at every point of the exact precision-recall curve, the curve's thresholds); None with one class."""
     scores, labels = _numpy(scores).ravel(), _numpy(labels).ravel() > 0
     if not _both_classes(labels):
-        return math.nan
+        return None
     precision, recall, thresholds = precision_recall_curve(labels, scores)
-    f1 = 2 * precision * recall / np.maximum(precision + recall, np.finfo(float).tiny)
-    return float(thresholds[np.argmax(f1[:-1])])  # the last point (recall 0) has no threshold
+    return 2 * precision * recall / np.maximum(precision + recall, np.finfo(float).tiny), thresholds
 
 
 def connected_components(mask) -> np.ndarray:
@@ -1082,9 +1086,7 @@ def find_data_root(data_root: str | None, run: dict, category: str) -> Path:
             config). category: the category to evaluate.
     """
     if data_root is not None:
-        if not Path(data_root).is_dir():
-            raise data.UserError(f"--data-root {data_root}: no such folder; pass the Real-IAD folder")
-        return Path(data_root)
+        return data.find_real_iad(data_root)
     if run.get("data_root") is not None:
         if not Path(run["data_root"]).is_dir():
             raise data.UserError(f"the run's data root {run['data_root']} (from the checkpoint) does not "
@@ -1122,9 +1124,9 @@ def predict_inputs(paths: list[str], views: int) -> list[tuple[str, list[Path]]]
     samples = defaultdict(dict)  # sample key -> {camera: path}
     for folder in given:
         files = [f for f in sorted(folder.iterdir()) if f.suffix.lower() in data.IMAGE_SUFFIXES]
-        stems = [f.stem for f in files]
+        stems = Counter(f.stem for f in files)
         for f in files:
-            if f.suffix.lower() == ".png" and stems.count(f.stem) > 1:
+            if f.suffix.lower() == ".png" and stems[f.stem] > 1:
                 continue  # a mask beside its image
             match = data.SAMPLE_KEY.search(f.name)
             if match is None:
@@ -1397,9 +1399,13 @@ def run_settings(cfg: EvalConfig, checkpoint: dict, root: Path, test_set, collec
             "data_root": str(root), "categories": sorted(levels), "image_size": checkpoint["config"]["image_size"],
             "samples": len(test_set), "views": test_set[0]["images"].shape[0], "drop_views": cfg.drop_views,
             "view_norm": cfg.view_norm,
-            "positive_samples": sum(int(curves["sample"][1].sum()) for curves in levels.values()),
-            "images": sum(len(curves["image"][0]) for curves in levels.values()),
+            "positive_samples": positive_samples(collected), "images": sum(len(c["image"][0]) for c in levels.values()),
             "seed": cfg.seed, "pixel_bins": cfg.bins}
+
+
+def positive_samples(collected: dict) -> int:
+    """Defective samples among those `evaluate` scored (its second result), over every category."""
+    return sum(int(curves["sample"][1].sum()) for curves in collected["levels"].values())
 
 
 def report_notes(cfg: EvalConfig, checkpoint: dict, root: Path, metrics: dict, export) -> list[str]:
@@ -1479,13 +1485,20 @@ def parse_predict_args(argv=None) -> PredictConfig:
     return PredictConfig(**vars(p.parse_args(argv)))
 
 
+def distributed_context() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+
+
 def main_in_torchrun(cfg: EvalConfig) -> dict:
     """main(cfg); under torchrun (RANK set) inside a process group of its processes, gloo on CPUs
     and nccl on GPUs, each process on the GPU of its LOCAL_RANK, so that they share the test split:
     `torchrun --nproc_per_node=N eval.py --checkpoint ...`."""
     if "RANK" not in os.environ or dist.is_initialized():
         return main(cfg)
-    world, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    _, world, local_rank = distributed_context()
     with distributed_run(resolve_device(cfg.device), world, local_rank) as device:
         return main(dataclasses.replace(cfg, device=str(device)))
 

@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 import data
 import synthetic
-from eval import (METHODS, PAPER_SETTINGS, PRECISIONS, EvalConfig, autocast, compile_model, distributed_run, place,
-                  protocol_note, resolve_device, setup_process)
+from eval import (METHODS, PAPER_SETTINGS, PRECISIONS, EvalConfig, autocast, category_list, compile_model,
+                  distributed_context, distributed_run, place, protocol_note, resolve_device, setup_process)
 from eval import main as evaluate_run
 from mvad import FrozenEncoder, read_torch_file
 
@@ -89,13 +89,6 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- set-up helpers
-
-
-def distributed_context() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -150,19 +143,9 @@ def parse_field(config_class, assignment: str) -> tuple[str, object]:
                              f"(default {default!r})") from None
 
 
-def find_real_iad(data_root: str | None) -> Path | None:
-    """The Real-IAD folder: --data-root, else $REALIAD_ROOT or ./data/realiad when present."""
-    if data_root is not None:
-        if not Path(data_root).is_dir():
-            raise data.UserError(f"--data-root {data_root}: no such folder; pass the folder that holds "
-                                 "realiad_<res>/ and realiad_jsons/ (see README)")
-        return Path(data_root)
-    return data.default_real_iad()
-
-
 def data_root_for(cfg: TrainConfig, log) -> Path:
     """Real-IAD when there is one, else the built-in synthetic dataset (said in one line)."""
-    root = find_real_iad(cfg.data_root)
+    root = data.find_real_iad(cfg.data_root)
     if root is not None:
         return root
     categories = cfg.category.split(",")
@@ -199,8 +182,7 @@ def build_optimizer(model: torch.nn.Module, model_cfg, lr: float) -> torch.optim
 
 def training_set(cfg: TrainConfig, root: Path):
     """The training split of the run's categories; for IDIF wrapped in its pseudo-anomalies."""
-    categories = cfg.category if cfg.category == "all" else cfg.category.split(",")
-    train_set = data.RealIAD(root, categories, "train", image_size=cfg.image_size)
+    train_set = data.RealIAD(root, category_list(cfg.category), "train", image_size=cfg.image_size)
     return data.PseudoAnomalies(train_set, seed=cfg.seed) if cfg.method == "idif" else train_set
 
 
@@ -385,7 +367,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     if optimizer is None:  # training-free: rank 0 fits, then every process evaluates its shard
         if rank == 0:
             return fit_memory_bank(cfg, model, model_cfg, random_encoder, train_set, device, log)
-        return evaluate_checkpoint(cfg, Path(cfg.out) / "last.pt", device) if cfg.evaluate else {}
+        return evaluate_checkpoint(cfg, device)
     milestone = max(1, int(model_cfg.lr_decay_at * cfg.epochs))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [milestone], gamma=0.1)
     start, history = resume_or_calibrate(cfg, model, optimizer, scheduler, train_set, device, rank, log)
@@ -397,7 +379,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
         log(f"epoch {epoch + 1}/{cfg.epochs}  " + epoch_summary(history[-1]))
         if rank == 0:
             save_epoch(cfg, model_cfg, model, optimizer, scheduler, history, random_encoder)
-    return evaluate_checkpoint(cfg, Path(cfg.out) / "last.pt", device) if cfg.evaluate else {}
+    return evaluate_checkpoint(cfg, device)
 
 
 def prepare_data(cfg: TrainConfig, world: int, device: torch.device, log) -> tuple:
@@ -524,16 +506,18 @@ def fit_memory_bank(cfg: TrainConfig, model, model_cfg, random_encoder: bool, tr
                          "seed": cfg.seed, "history": [fit], "train": dataclasses.asdict(cfg),
                          "random_encoder": random_encoder}, checkpoint_path)
         (out / "history.json").write_text(json.dumps([fit], indent=1))
-    return evaluate_checkpoint(cfg, checkpoint_path, device) if cfg.evaluate else {}
+    return evaluate_checkpoint(cfg, device)
 
 
-def evaluate_checkpoint(cfg: TrainConfig, checkpoint_path: Path, device: torch.device) -> dict:
-    """eval.py's main on the run's checkpoint, with the run's device, workers and view-norm setting.
-    With several processes every process evaluates its shard of the test split (eval.py), once
-    rank 0 has written the checkpoint."""
+def evaluate_checkpoint(cfg: TrainConfig, device: torch.device) -> dict:
+    """eval.py's main on the run's last.pt, with the run's device, workers and view-norm setting ({}
+    with --no-eval). With several processes every process evaluates its shard of the test split
+    (eval.py), once rank 0 has written the checkpoint."""
+    if not cfg.evaluate:
+        return {}
     if dist.is_initialized():
         dist.barrier()
-    return evaluate_run(EvalConfig(checkpoint=str(checkpoint_path), device=str(device), workers=cfg.workers,
+    return evaluate_run(EvalConfig(checkpoint=str(Path(cfg.out) / "last.pt"), device=str(device), workers=cfg.workers,
                                    view_norm=cfg.view_norm, export_adeval=cfg.export_adeval, threads=cfg.threads,
                                    compile=cfg.compile, precision=cfg.precision))
 

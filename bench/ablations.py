@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import common  # before the project's modules: it puts the repository root on sys.path
 import data
 import eval as evaluation
@@ -118,28 +120,27 @@ def output_to(path: Path):
         yield
 
 
-def missing_view_curve(model, run: dict, device: str, view_norm: bool, draws: int) -> dict:
+def missing_view_curve(model, run: dict, device: str, view_stats: dict | None, draws: int) -> dict:
     """Sample, image and pixel metrics with K = 1..V-1 random views removed, `draws` draws per K.
 
     Args:
-        model: the run's model (eval.load_model); run: its checkpoint's "train" dict (train.py's config).
+        model: the run's model (eval.load_model); run: its checkpoint's "train" dict (train.py's config);
+        view_stats: the per-camera statistics of its evaluation (eval.camera_statistics), None without view-norm.
     Returns:
         {"K": [{"draw", "positives" (defective samples left), "sample_auroc", ...} per draw]}, K as a
         string (as JSON keeps it).
     """
     model = evaluation.place(model, device)
-    categories = run["category"] if run["category"] == "all" else run["category"].split(",")
-    split = lambda name: data.RealIAD(run["data_root"], categories, name, image_size=run["image_size"])  # noqa: E731
-    test_set = split("test")
-    stats = evaluation.camera_statistics(model, split("train"), device) if view_norm else None
+    test_set = data.RealIAD(run["data_root"], evaluation.category_list(run["category"]), "test",
+                            image_size=run["image_size"])
     curve = {}
     for k in range(1, test_set[0]["images"].shape[0]):
         curve[str(k)] = []
         for draw in range(draws):
             metrics, collected = evaluation.evaluate(model, test_set, device, drop_views=k, seed=draw,
-                                                     view_stats=stats, num_figures=0)
-            positives = sum(int(levels["sample"][1].sum()) for levels in collected["levels"].values())
-            curve[str(k)].append({"draw": draw, "positives": positives, **figures(metrics)})
+                                                     view_stats=view_stats, num_figures=0)
+            curve[str(k)].append({"draw": draw, "positives": evaluation.positive_samples(collected),
+                                  **figures(metrics)})
     return curve
 
 
@@ -173,7 +174,9 @@ def one_run(args, settings: dict, variant: str, category: str, seed: int) -> dic
                                                         num_figures=0 if args.quick else 4))
         evaluated = time.perf_counter()
         model, state = evaluation.load_model(str(checkpoint))
-        curve = missing_view_curve(model, state["train"], settings["device"], settings["view_norm"], args.draws)
+        view_stats = ({c: torch.tensor(p["view_stats"]) for c, p in metrics["predict"].items()}
+                      if settings["view_norm"] else None)  # the evaluation's own, not scored again
+        curve = missing_view_curve(model, state["train"], settings["device"], view_stats, args.draws)
     return {"variant": variant, "method": method, "fields": fields, "category": category, "seed": seed,
             "resumed": resumed, **figures(metrics), "positives": metrics["settings"]["positive_samples"],
             "train_seconds": trained - started, "eval_seconds": evaluated - trained,
@@ -207,7 +210,7 @@ def summarize(runs: dict, category: str, variant: str) -> dict | None:
     summary["positives"] = {0: done[0]["positives"]}
     for k in done[0]["missing_views"]:
         per_seed = [mean_std([d["sample_auroc"] for d in r["missing_views"][k]])[0] for r in done]
-        summary["curve"][int(k)] = mean_std([None if math.isnan(v) else v for v in per_seed])
+        summary["curve"][int(k)] = mean_std([none_for_nan(v) for v in per_seed])
         summary["positives"][int(k)] = statistics.fmean(d["positives"] for d in done[0]["missing_views"][k])
     return summary
 

@@ -37,7 +37,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 import common  # before the project's modules: it puts the repository root on sys.path
 import data
@@ -70,9 +70,8 @@ def timed(function, clock: dict, name: str):
 def load_seconds(cfg: train.TrainConfig, rank: int, world: int) -> dict:
     """Seconds to read this process's share of one training epoch and its shard of the test split."""
     train_set = train.training_set(cfg, Path(cfg.data_root))
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     test_set = data.RealIAD(cfg.data_root, cfg.category, "test", image_size=cfg.image_size)
-    shares = {"train": DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True),
+    shares = {"train": train.training_loader(cfg, train_set, rank, world, torch.device("cpu")),  # as train.py reads
               "test": DataLoader(Subset(test_set, evaluation.shard(len(test_set), rank, world)), batch_size=8)}
     seconds, samples = {}, {}
     for split, loader in shares.items():

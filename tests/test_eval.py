@@ -408,7 +408,8 @@ def test_data_root_rules(tmp_path, monkeypatch):
     assert find_data_root(str(tmp_path), {**run, "data_root": "/elsewhere"}, "toy") == tmp_path
     (tmp_path / "data" / "realiad").mkdir(parents=True)
     assert find_data_root(None, run, "toy") == Path("data/realiad")
-    with pytest.raises(data.UserError, match=r"^--data-root /gone: no such folder; pass the Real-IAD folder$"):
+    with pytest.raises(data.UserError, match=r"^--data-root /gone: no such folder; pass the folder that holds "
+                                             r"realiad_<res>/ and realiad_jsons/ \(see README\)$"):
         find_data_root("/gone", run, "toy")
     with pytest.raises(data.UserError, match=r"^the run's data root /gone \(from the checkpoint\) does not exist "
                                              r"here; pass --data-root"):
