@@ -1148,13 +1148,13 @@ def predict_image(path: Path, size: int) -> torch.Tensor:
     Returns (3, size, size) in [0, 1]."""
     try:
         with Image.open(path) as image:
-            w, h = image.size
-            pixels = np.array(image.convert("RGB"))  # (h, w, 3)
-    except (OSError, SyntaxError, ValueError) as e:
+            w, h = image.size  # the header only
+        pixels = data.load_image(path, size)  # decoded as in training: a large JPEG at a reduced scale
+    except (OSError, SyntaxError, ValueError, data.UserError) as e:
         raise data.UserError(f"--images {path}: not a readable image ({e}); pass JPEG or PNG files") from None
     if (w, h) != (size, size):
         print(f"{path}: {w}x{h} resized to {size}x{size} (shorter side to {size}, centred crop), as in training")
-    return data.resize_crop(torch.from_numpy(pixels).permute(2, 0, 1).float() / 255, size)
+    return pixels
 
 
 def stored_decision(run: Path, category: str | None) -> tuple[dict, int]:

@@ -23,7 +23,7 @@ from torch.testing import assert_close
 import data
 import synthetic
 from eval import (ADEVAL_SAMPLE_KEY, LEVEL_KEYS, ADEvalExport, EvalConfig, adeval_argv, camera_statistics, cli,
-                  drop_views_mask, evaluate, find_data_root, format_table, load_model, main)
+                  drop_views_mask, evaluate, find_data_root, format_table, load_model, main, predict_image)
 from eval import connected_components as eval_connected_components
 from idif import IDIF, IDIFConfig
 from mvad import MVAD, MVADConfig
@@ -503,6 +503,15 @@ def test_predict_takes_the_files_of_one_sample_and_resizes_other_sizes(evaluated
         capsys.readouterr().out
     report = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert report["samples"][0]["sample_id"] == re.search(ADEVAL_SAMPLE_KEY, views[0].name).group(1)
+
+
+def test_predict_reads_a_photo_as_training_reads_it(tmp_path):
+    """A JPEG larger than the model's input is decoded at a reduced scale in training (data.load_image,
+    PIL's draft); predict must read it the same way, or the same photo scores differently there."""
+    pixels = torch.Generator().manual_seed(0)
+    photo = (torch.rand(256, 320, 3, generator=pixels) * 255).to(torch.uint8).numpy()
+    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=90)
+    assert torch.equal(predict_image(tmp_path / "photo.jpg", 64), data.load_image(tmp_path / "photo.jpg", 64))
 
 
 @pytest.mark.parametrize("case, message", [
