@@ -288,10 +288,13 @@ def test_set_parses_config_fields():
 
 
 def test_cpu_profile_is_used_without_a_gpu():
+    cfg = train.resolve(train.TrainConfig(method="idif", device="cpu"))
+    assert (cfg.image_size, cfg.batch_size, cfg.epochs, cfg.view_norm) == (128, 4, 15, True)
+    assert cfg.out == "runs/idif_zipper"
+    # MVAD's CPU profile differs in the image size only; a flag still wins over it
     cfg = train.resolve(train.TrainConfig(method="mvad", device="cpu"))
-    assert (cfg.image_size, cfg.batch_size, cfg.epochs, cfg.view_norm) == tuple(
-        train.PROFILES["cpu"][k] for k in ("image_size", "batch_size", "epochs", "view_norm"))
-    assert cfg.out == "runs/mvad_zipper"
+    assert (cfg.image_size, cfg.batch_size, cfg.epochs, cfg.view_norm) == (96, 4, 15, True)
+    assert train.resolve(train.TrainConfig(method="mvad", device="cpu", image_size=128)).image_size == 128
 
 
 def test_flags_override_the_profile():
