@@ -12,6 +12,10 @@ Tables:
    in a process of their own, once with glibc's default allocator and once with the freed memory kept
    for reuse as train.py and eval.py run (`eval.reuse_freed_memory`); the largest output and gradient
    differences are printed beside the times.
+0b. MVAS's windowed attention alone at the same size (no routing, gather or copies): by the formula, by
+   PyTorch's fused kernel, and by a chunked flash-style autograd function (`ChunkedAttention`, an
+   experiment); forward, and forward + backward for the query; with the time of torch.exp over as many
+   logits and the rate of their `bmm` against a large torch.mm: the floor a faster MVAS meets here.
 1. one query view against 4 other views, 8 heads, no gradients, feature side 16, 32, 64, 128 x channels
    64, 128, 256, top-K 4: MVAS (`mvad.mvas_attention`), dense cross-attention through PyTorch's fused
    attention (`mvad.full_cross_attention`) and by the naive formula (`mvad.full_cross_attention_reference`,
@@ -31,10 +35,12 @@ Check (the one pass/fail of the benchmarks): at the official scale 0 (64 x 64, C
 K = 4, 4 other views) MVAS must take at most a tenth of the fused dense attention's CPU time; exit
 status 1 otherwise. On CUDA the ratio is printed, not checked.
 """
+import math
 import sys
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 import common  # before the project's modules: it puts the repository root on sys.path
 import eval as project_eval
@@ -110,6 +116,94 @@ def before_after(args) -> list[dict]:
         f"{args.device}, {torch.get_num_threads()} threads, interleaved, median of {args.repeats + 2} calls",
         ["pass", "allocator", "today ms", "fast ms", "speed-up", "max |difference|"], rows)
     return runs
+
+
+# ----------------------------------------------------------------------------- 0b. the windowed attention alone
+
+
+class ChunkedAttention(torch.autograd.Function):
+    """softmax(q kv^T * scale) kv in chunks of windows, flash-style: exp2 with log2(e) folded into the
+    scale, only the log-sum-exp kept, the probabilities recomputed chunk by chunk in the backward.
+    An experiment for table 0b (cache-resident scores), not used by the model."""
+
+    @staticmethod
+    def forward(ctx, q, kv, scale, chunk):
+        qs = q * (scale * math.log2(math.e))  # (W, T, d): logits in log2 units
+        out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1])  # (W, T, d), (W, T)
+        for i in range(0, q.shape[0], chunk):
+            logits = torch.bmm(qs[i:i + chunk], kv[i:i + chunk].transpose(1, 2))  # (w, T, k*T)
+            peak = logits.amax(-1, keepdim=True)
+            p = logits.sub_(peak).exp2_()
+            total = p.sum(-1, keepdim=True)
+            torch.bmm(p, kv[i:i + chunk], out=out[i:i + chunk]).div_(total)
+            lse[i:i + chunk] = (peak + total.log2()).squeeze(-1)
+        ctx.save_for_backward(q, kv, out, lse)
+        ctx.scale, ctx.chunk = scale, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, kv, out, lse = ctx.saved_tensors
+        qs, chunk = q * (ctx.scale * math.log2(math.e)), ctx.chunk
+        row = (grad_out * out).sum(-1, keepdim=True)  # (W, T, 1): sum_j p_j dp_j
+        grad_q = torch.empty_like(q)
+        for i in range(0, q.shape[0], chunk):
+            c = slice(i, i + chunk)
+            p = torch.bmm(qs[c], kv[c].transpose(1, 2)).sub_(lse[c, :, None]).exp2_()  # (w, T, k*T)
+            grad_logits = torch.bmm(grad_out[c], kv[c].transpose(1, 2)).sub_(row[c]).mul_(p)
+            torch.bmm(grad_logits, kv[c], out=grad_q[c])
+        return grad_q.mul_(ctx.scale), None, None, None  # the table's windows need no gradient in MVAD
+
+
+def attention_alone_case(device, repeats: int, quick: bool) -> dict:
+    """Table 0b in one process (freed memory reused, as train.py): MVAS's windowed attention at
+    scale 0 without routing, gather or copies, three ways, forward and forward + backward for the
+    query; and the two operations its time goes to, against the machine's large matrix product."""
+    project_eval.reuse_freed_memory()
+    size, C, a, k = (32 if quick else SCALE_0["size"]), 64, SCALE_0["n_win"], SCALE_0["topk"]
+    th, tw, rows, cols = mvad.window_grid(size, size, a)
+    W, T, d = QUERY_VIEWS * rows * cols * HEADS, th * tw, C // HEADS  # windows x heads, tokens, channels
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(W, T, d, generator=g).to(device)
+    kv = torch.randn(W, k * T, d, generator=g).to(device)
+    grad = torch.randn(W, T, d, generator=g).to(device)
+    scale = C ** -0.5
+    ways = {"formula": lambda q: ((q * scale) @ kv.transpose(1, 2)).softmax(-1) @ kv,
+            "fused": lambda q: F.scaled_dot_product_attention(q[:, None], kv[:, None], kv[:, None], scale=scale)[:, 0],
+            "chunked, 512 windows": lambda q: ChunkedAttention.apply(q, kv, scale, 512)}
+    q_grad = q.clone().requires_grad_()
+    reference = ways["formula"](q_grad)
+    reference_grad, = torch.autograd.grad(reference, q_grad, grad)
+    results = {"windows": W, "queries": T, "keys": k * T, "channels": d}
+    for name, way in ways.items():
+        out = way(q_grad)
+        difference = max((out - reference).abs().max().item(),
+                         (torch.autograd.grad(out, q_grad, grad)[0] - reference_grad).abs().max().item())
+        with torch.no_grad():
+            forward = common.median_seconds(lambda: way(q), device, repeats)
+        both = common.median_seconds(lambda: torch.autograd.grad(way(q_grad), q_grad, grad), device, repeats)
+        results[name] = {"forward_s": forward, "forward_backward_s": both, "max_difference": difference}
+    logits = torch.randn(W * T * k * T, generator=g).to(device)
+    results["exp_s"] = common.median_seconds(lambda: torch.exp(logits), device, repeats)
+    results["bmm_gflops"] = 2 * W * T * k * T * d / common.median_seconds(lambda: q @ kv.transpose(1, 2), device,
+                                                                           repeats) / 1e9
+    big = torch.randn(2048, 2048, generator=g).to(device)
+    results["mm_gflops"] = 2 * 2048**3 / common.median_seconds(lambda: big @ big, device, repeats) / 1e9
+    return results
+
+
+def attention_alone(args) -> dict:
+    """Table 0b: where a faster MVAS meets its floor."""
+    r = common.run_isolated(attention_alone_case, args.device, repeats=args.repeats + 2, quick=args.quick)
+    rows = [[name, f"{1e3 * r[name]['forward_s']:.1f}", f"{1e3 * r[name]['forward_backward_s']:.1f}",
+             f"{r[name]['max_difference']:.1e}"] for name in ("formula", "fused", "chunked, 512 windows")]
+    common.print_table(
+        f"MVAS's windowed attention alone: {r['windows']:,} windows x heads, {r['queries']} queries, "
+        f"{r['keys']} keys, {r['channels']} channels, {args.device}, freed memory reused, median of "
+        f"{args.repeats + 2} calls", ["way", "forward ms", "forward + backward (query) ms", "max |difference|"], rows)
+    print(f"its {r['windows'] * r['queries'] * r['keys']:,} exponentials: {1e3 * r['exp_s']:.1f} ms by torch.exp; "
+          f"its logits by bmm: {r['bmm_gflops']:.0f} GFLOP/s, a 2048 x 2048 torch.mm: {r['mm_gflops']:.0f} GFLOP/s")
+    return r
 
 
 # ----------------------------------------------------------------------------- 1, 2. MVAS against dense
@@ -200,6 +294,7 @@ def main() -> int:
     n_wins, topks = ((8, 14), (1, 4)) if args.quick else ((4, 8, 14, 16, 32), (1, 2, 4, 8, 16))
 
     before = before_after(args)
+    alone = attention_alone(args)
     grid = grid_table(args, sizes, channels)
     sweep = sweep_table(args, n_wins, topks)
     if args.device == "cpu":
@@ -218,7 +313,7 @@ def main() -> int:
         verdict = "PASS" if speedup >= SPEEDUP_NEEDED else "FAIL"
     print(f"\nofficial scale 0 (64x64, C = 64, n_win 14, K = 4, 4 other views): fused dense / MVAS time = "
           f"{ratio(d, m)} (FLOPs: {d['flops'] / m['flops']:.0f}x); needs >= {SPEEDUP_NEEDED:.0f}x: {verdict}")
-    common.write_json("attention", args, {"before_after": before, "grid": grid, "sweep": sweep,
+    common.write_json("attention", args, {"before_after": before, "attention_alone": alone, "grid": grid, "sweep": sweep,
                                           "scale_0": {"speedup": speedup, "verdict": verdict}})
     return 1 if verdict == "FAIL" else 0
 
