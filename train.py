@@ -64,7 +64,7 @@ PROFILES = {
 }
 # An MVAD step costs about twice an IDIF step at 128 px (bench/train.py), which put MVAD's default
 # command over five minutes on the slower 2-core machine: on a CPU MVAD trains and evaluates at 96 px,
-# which on the synthetic data scored no lower than 128 px (README, "What to expect").
+# which on the synthetic data scored no lower than 128 px (README, "Performance").
 CPU_METHOD_PROFILES = {"mvad": dict(image_size=96)}
 
 
@@ -109,7 +109,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.method not in METHODS:
         raise data.UserError(f"--method {cfg.method!r} is unknown; choose one of: {', '.join(METHODS)}")
     device = resolve_device(cfg.device)
-    filled = {k: v if getattr(cfg, k) is None else getattr(cfg, k) for k, v in profile_for(device, cfg.method).items()}
+    profile = profile_for(device, cfg.method)
+    filled = {k: v if getattr(cfg, k) is None else getattr(cfg, k) for k, v in profile.items()}
     for name in ("epochs", "batch_size", "image_size"):
         if filled[name] < 1:
             raise data.UserError(f"--{name.replace('_', '-')} {filled[name]}: must be at least 1")
@@ -551,9 +552,9 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--out", default=d.out, help="run folder (None: runs/<method>_<category>)")
     for name, help_text in (("epochs", "epochs"), ("batch_size", "samples per step (all processes)"),
                             ("image_size", "input side in pixels")):
+        mvad = f"; MVAD: {CPU_METHOD_PROFILES['mvad'][name]}" if name in CPU_METHOD_PROFILES["mvad"] else ""
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                       help=f"{help_text} (None: {PROFILES['gpu'][name]} on GPU, {PROFILES['cpu'][name]} on CPU"
-                            + (f"; MVAD: {CPU_METHOD_PROFILES['mvad'][name]})" if name in CPU_METHOD_PROFILES["mvad"] else ")"))
+                       help=f"{help_text} (None: {PROFILES['gpu'][name]} on GPU, {PROFILES['cpu'][name]} on CPU{mvad})")
     p.add_argument("--lr", type=float, default=d.lr, help="None: the config's base_lr x images per step / 16")
     p.add_argument("--weights", default=d.weights, help="frozen encoder: auto, imagenet, none or a file")
     p.add_argument("--device", default=d.device, help="None: cuda if available, else cpu")

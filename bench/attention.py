@@ -313,7 +313,8 @@ def main() -> int:
         verdict = "PASS" if speedup >= SPEEDUP_NEEDED else "FAIL"
     print(f"\nofficial scale 0 (64x64, C = 64, n_win 14, K = 4, 4 other views): fused dense / MVAS time = "
           f"{ratio(d, m)} (FLOPs: {d['flops'] / m['flops']:.0f}x); needs >= {SPEEDUP_NEEDED:.0f}x: {verdict}")
-    common.write_json("attention", args, {"before_after": before, "attention_alone": alone, "grid": grid, "sweep": sweep,
+    common.write_json("attention", args, {"before_after": before, "attention_alone": alone, "grid": grid,
+                                          "sweep": sweep,
                                           "scale_0": {"speedup": speedup, "verdict": verdict}})
     return 1 if verdict == "FAIL" else 0
 
