@@ -79,15 +79,23 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(main, argv=None) -> int:
-    """Runs a command line's `main(argv)`; a UserError or a ValueError becomes one line `error: ...` on
-    stderr and exit status 2, never a traceback. The model files raise ValueError, Python's type for a
-    bad argument, so that they import only torch. Returns the exit status."""
+    """Runs a command line's `main(argv)`; a UserError, a ValueError or a file's OSError (a full disk)
+    becomes one line `error: ...` on stderr and exit status 2, never a traceback. The model files raise
+    ValueError, Python's type for a bad argument, so that they import only torch. Returns the exit status."""
     try:
         main(argv)
     except (UserError, ValueError) as e:
         # Raised in a DataLoader worker, the message arrives after the worker's traceback: keep the last line.
         message = str(e).strip().splitlines()[-1].split(f"{type(e).__name__}: ", 1)[-1]
         print(f"error: {message}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:  # not about a file: a bug or the system, its traceback is shown
+            raise
+        # a full disk or a folder without permission, e.g. history.json after an epoch: last.pt is already
+        # complete (written atomically before it), so a training run loses nothing and can continue
+        print(f"error: {e.filename}: {e.strerror or e}; free space or fix the permissions there (a training run "
+              "continues from its last checkpoint with --resume)", file=sys.stderr)
         return 2
     return 0
 

@@ -298,6 +298,9 @@ WORKER_TRACEBACK = ("Caught ValueError in DataLoader worker process 0.\nOriginal
      "--out /x: cannot write there; pass a writable folder"),
     (ValueError("n_win 0 must be >= 1"), "n_win 0 must be >= 1"),  # the model files' bad arguments
     (ValueError(WORKER_TRACEBACK), "image_size 72 must be a multiple of 16"),  # the last line only
+    (OSError(28, "No space left on device", "runs/mvad_zipper/history.json"),  # a full disk after an epoch
+     "runs/mvad_zipper/history.json: No space left on device; free space or fix the permissions there (a training "
+     "run continues from its last checkpoint with --resume)"),
 ])
 def test_run_cli_prints_one_line_and_returns_2(error, line, capsys):
     def main(argv):
@@ -308,6 +311,12 @@ def test_run_cli_prints_one_line_and_returns_2(error, line, capsys):
     assert data.run_cli(lambda argv: None, []) == 0
     with pytest.raises(KeyError):  # anything else is a bug: its traceback is shown
         data.run_cli(lambda argv: {}["key"], [])
+
+    def no_file(argv):
+        raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError):  # an OSError about no file, too
+        data.run_cli(no_file, [])
 
 
 # ----------------------------------------------------------------------------------------------------
