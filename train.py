@@ -432,9 +432,19 @@ def resume_or_calibrate(cfg: TrainConfig, model, optimizer, scheduler, train_set
     state = load_checkpoint(path, cfg.method)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    restore_schedule(scheduler, state["scheduler"], state["epoch"])
     log(f"Resuming {path} after epoch {state['epoch']} of {cfg.epochs}")
     return state["epoch"], state["history"]
+
+
+def restore_schedule(scheduler, stored: dict, epochs_done: int) -> None:
+    """Loads a stored MultiStepLR state. A run extended with `--resume --epochs N` whose rate has not
+    dropped yet drops it where N puts it (the scheduler was built for N); one that has already
+    dropped keeps the stored milestone, so it does not drop twice."""
+    milestones = scheduler.milestones.copy()
+    scheduler.load_state_dict(stored)
+    if epochs_done < min(scheduler.milestones):
+        scheduler.milestones = milestones
 
 
 def training_net(cfg: TrainConfig, model: torch.nn.Module, device: torch.device, world: int, log):

@@ -115,11 +115,34 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert [(h["loss"], h["lr"]) for h in a["history"]] == [(h["loss"], h["lr"]) for h in b["history"]]
 
 
+@pytest.mark.parametrize("stopped_after, drops_at", [(2, 8), (5, 4)])
+def test_an_extended_run_drops_its_rate_once_where_its_new_length_says(stopped_after, drops_at):
+    """A 5-epoch run (milestone 4) extended to 10 epochs (milestone 8): stopped before its drop, it drops
+    at 8 as a 10-epoch run would; stopped after it, the rate stays dropped and does not drop again."""
+    def scheduler(milestone):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, [milestone], gamma=0.1)
+
+    short = scheduler(4)
+    for _ in range(stopped_after):
+        short.optimizer.step()
+        short.step()
+    extended = scheduler(8)  # then the checkpoint's states, in resume_or_calibrate's order
+    extended.optimizer.load_state_dict(short.optimizer.state_dict())
+    train.restore_schedule(extended, short.state_dict(), stopped_after)
+    rates = {}
+    for epoch in range(stopped_after, 10):
+        rates[epoch] = extended.get_last_lr()[0]
+        extended.optimizer.step()
+        extended.step()
+    assert all(rate == pytest.approx(1.0 if epoch < drops_at else 0.1) for epoch, rate in rates.items()), rates
+
+
 # One method per worker setting, to keep the suite short: IDIF (whose pseudo-anomalies are drawn in
 # the workers) killed after its first epoch and resumed with 2 workers; MVAD finished after one
 # epoch and extended with --epochs 2. Both against the same run done in one go with 0 workers.
 # (Both schedules decay at epoch 1 (80% of 1 or 2 epochs): a run extended past its decay keeps the
-# stored milestone, so it cannot equal a longer run in general.)
+# stored milestone, so it cannot equal a longer run in general; see restore_schedule.)
 @pytest.mark.parametrize("method, workers, how", [("idif", 2, "killed"), ("mvad", 0, "extended")])
 def test_resume_equals_an_uninterrupted_run(method, workers, how, synthetic, tmp_path, monkeypatch, capsys):
     straight = tiny(method, synthetic, tmp_path / "straight", epochs=2, evaluate=False)
