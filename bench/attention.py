@@ -169,7 +169,8 @@ def attention_alone_case(device, repeats: int, quick: bool) -> dict:
     grad = torch.randn(W, T, d, generator=g).to(device)
     scale = C ** -0.5
     ways = {"formula": lambda q: ((q * scale) @ kv.transpose(1, 2)).softmax(-1) @ kv,
-            "fused": lambda q: F.scaled_dot_product_attention(q[:, None], kv[:, None], kv[:, None], scale=scale)[:, 0],
+            "fused": lambda q: F.scaled_dot_product_attention(q[:, None], kv[:, None], kv[:, None],
+                                                              scale=scale)[:, 0],
             "chunked, 512 windows": lambda q: ChunkedAttention.apply(q, kv, scale, 512)}
     q_grad = q.clone().requires_grad_()
     reference = ways["formula"](q_grad)
