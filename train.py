@@ -68,8 +68,9 @@ PROFILES = {
 CPU_METHOD_PROFILES = {"mvad": dict(image_size=96)}
 
 
-def profile_for(device: torch.device, method: str) -> dict:
-    """The defaults of a run on this device: the papers' on a GPU, the CPU profile otherwise."""
+def profile_for(device: torch.device, method: str | None = None) -> dict:
+    """The defaults of a run on this device: the papers' on a GPU, the CPU profile otherwise (with
+    `method`'s own values; None: what every method shares)."""
     if device.type == "cuda":
         return PROFILES["gpu"]
     return {**PROFILES["cpu"], **CPU_METHOD_PROFILES.get(method, {})}
@@ -562,9 +563,10 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--out", default=d.out, help="run folder (None: runs/<method>_<category>)")
     for name, help_text in (("epochs", "epochs"), ("batch_size", "samples per step (all processes)"),
                             ("image_size", "input side in pixels")):
-        mvad = f"; MVAD: {CPU_METHOD_PROFILES['mvad'][name]}" if name in CPU_METHOD_PROFILES["mvad"] else ""
+        own = "".join(f"; {method.upper()}: {values[name]}" for method, values in CPU_METHOD_PROFILES.items()
+                      if name in values)
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                       help=f"{help_text} (None: {PROFILES['gpu'][name]} on GPU, {PROFILES['cpu'][name]} on CPU{mvad})")
+                       help=f"{help_text} (None: {PROFILES['gpu'][name]} on GPU, {PROFILES['cpu'][name]} on CPU{own})")
     p.add_argument("--lr", type=float, default=d.lr, help="None: the config's base_lr x images per step / 16")
     p.add_argument("--weights", default=d.weights, help="frozen encoder: auto, imagenet, none or a file")
     p.add_argument("--device", default=d.device, help="None: cuda if available, else cpu")

@@ -87,8 +87,8 @@ def base_config(args, method: str = "mvad", **changes) -> train.TrainConfig:
         cfg = dataclasses.replace(cfg, epochs=args.epochs)
     if cfg.image_size is None:  # one size for every method, as the tables compare them (train.py's CPU
         # default for MVAD alone is 96 px: train.CPU_METHOD_PROFILES); the profile's shared size
-        kind = "gpu" if evaluation.resolve_device(args.device).type == "cuda" else "cpu"
-        cfg = dataclasses.replace(cfg, image_size=train.PROFILES[kind]["image_size"])
+        shared = train.profile_for(evaluation.resolve_device(args.device))
+        cfg = dataclasses.replace(cfg, image_size=shared["image_size"])
     return dataclasses.replace(cfg, **changes)
 
 
