@@ -533,6 +533,22 @@ def drop_views_mask(num_samples: int, num_views: int, k: int, seed: int) -> torc
     return torch.ones(num_samples, num_views, dtype=torch.bool).scatter(1, order[:, :k], False)
 
 
+def routed(dataset, root: Path, model):
+    """The split as the model reads it: for MVAD with routing "oracle" its items also carry each
+    window's geometric overlaps with the other views' windows (synthetic.WithOverlaps); otherwise
+    the split itself."""
+    cfg = getattr(model, "cfg", None)
+    if getattr(cfg, "routing", "dot") != "oracle" or model.fusion is None:
+        return dataset
+    return synthetic.WithOverlaps(dataset, root, [cfg.image_size // s for s in model.encoder.strides], cfg.n_win)
+
+
+def routing_inputs(batch: dict, device) -> dict:
+    """What a batch of a `routed` split holds for the model beyond the images: {"overlaps": S x
+    (B, V, A, M)} for MVAD's routing "oracle", {} otherwise."""
+    return {"overlaps": [o.to(device) for o in batch["overlaps"]]} if "overlaps" in batch else {}
+
+
 def camera_statistics(model, dataset, device, batch_size: int = 8, workers: int = 0) -> dict:
     """Mean and std of each camera's image scores on the (normal) training split, per category,
     for --view-norm: score -> (score - mean) / std before the max over views. With several
@@ -548,7 +564,8 @@ def camera_statistics(model, dataset, device, batch_size: int = 8, workers: int 
     with torch.inference_mode():
         for batch in tqdm(DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers),
                           desc="camera statistics", leave=False, disable=rank != 0):
-            rows += image_scores(model.anomaly_map(batch["images"].to(device))).float().tolist()  # B x V scores
+            maps = model.anomaly_map(batch["images"].to(device), None, **routing_inputs(batch, device))
+            rows += image_scores(maps).float().tolist()  # B x V scores
             categories += batch["category"]
     scores = defaultdict(dict)  # category -> {sample index: V image scores}
     for part in gather(list(zip(indices, categories, rows)), everywhere=True):
@@ -679,7 +696,8 @@ def score_batch(model, batch: dict, device, view_mask: torch.Tensor | None, view
     on the CPU, "masks" (B, V, H, W) bool, "classes" (B, V) the JSON classes (which give the sample
     labels), "scores" (B, V) image scores (z-scored per camera with view_stats), "labels" (B, V)}."""
     images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, H, W)
-    maps = model.anomaly_map(images, None if view_mask is None else view_mask.to(device))
+    maps = model.anomaly_map(images, None if view_mask is None else view_mask.to(device),
+                             **routing_inputs(batch, device))
     maps = maps.float().cpu()  # (B, V, H, W)
     if not torch.isfinite(maps).all():
         raise data.UserError("the model produced NaN/inf anomaly maps: the checkpoint's training "
@@ -1331,10 +1349,10 @@ def main(cfg: EvalConfig) -> dict:
     view_stats = None
     if cfg.view_norm:
         train_set = data.RealIAD(root, category_list(category), "train", image_size=checkpoint["config"]["image_size"])
-        view_stats = camera_statistics(model, train_set, device, cfg.batch_size, cfg.workers)
+        view_stats = camera_statistics(model, routed(train_set, root, model), device, cfg.batch_size, cfg.workers)
     export = None if cfg.export_adeval is None else ADEvalExport(_writable(cfg.export_adeval),
                                                                  test_set.categories)
-    metrics, collected = evaluate(model, test_set, device, drop_views=cfg.drop_views,
+    metrics, collected = evaluate(model, routed(test_set, root, model), device, drop_views=cfg.drop_views,
                                   batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
                                   view_stats=view_stats, num_figures=cfg.num_figures, bins=cfg.bins,
                                   export=export)

@@ -48,7 +48,8 @@ from tqdm import tqdm
 import data
 import synthetic
 from eval import (METHODS, PAPER_SETTINGS, PRECISIONS, EvalConfig, autocast, category_list, compile_model,
-                  distributed_context, distributed_run, place, protocol_note, resolve_device, setup_process)
+                  distributed_context, distributed_run, place, protocol_note, resolve_device, routed,
+                  routing_inputs, setup_process)
 from eval import main as evaluate_run
 from mvad import FrozenEncoder, read_torch_file
 
@@ -319,7 +320,7 @@ def training_loss(model, batch: dict, method: str, device: torch.device) -> dict
     images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, H, W)
     if method == "idif":
         return model(images, batch["corrupted"].to(device, non_blocking=True))
-    return {"loss": model(images)}
+    return {"loss": model(images, **routing_inputs(batch, device))}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -377,6 +378,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     log = print if rank == 0 else (lambda *args: None)
     cfg, train_set = prepare_data(cfg, world, device, log)
     model_cfg, model, optimizer = build_model(cfg, train_set[0]["images"].shape[0], device)
+    train_set = routed(train_set, Path(cfg.data_root), model)
     random_encoder = announce_protocol(cfg, model, log)
     if optimizer is None:  # training-free: rank 0 fits, then every process evaluates its shard
         if rank == 0:
