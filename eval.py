@@ -549,23 +549,31 @@ def routing_inputs(batch: dict, device) -> dict:
     return {"overlaps": [o.to(device) for o in batch["overlaps"]]} if "overlaps" in batch else {}
 
 
-def camera_statistics(model, dataset, device, batch_size: int = 8, workers: int = 0) -> dict:
+def camera_statistics(model, dataset, device, batch_size: int = 8, workers: int = 0, drop_views: int = 0,
+                      seed: int = 0) -> dict:
     """Mean and std of each camera's image scores on the (normal) training split, per category,
     for --view-norm: score -> (score - mean) / std before the max over views. With several
     processes each scores its shard of the split and every process receives all the scores, in
     sample order, so every process holds the statistics that one process would compute.
+    With drop_views K, every training sample loses K views as `evaluate` draws them (`drop_views_mask`
+    with `seed`) and each camera's statistics come from the samples that keep it: the scores a
+    camera gives when K views are missing, for an evaluation with K views removed.
 
     Returns:
         {category: (2, V) tensor, row 0 the means, row 1 the stds}.
     """
     rank, world = process_group()
     indices = shard(len(dataset), rank, world)
+    view_masks = drop_views_mask(len(dataset), dataset[0]["images"].shape[0], drop_views, seed)  # (n, V)
     categories, rows = [], []
     with torch.inference_mode():
-        for batch in tqdm(DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers),
-                          desc="camera statistics", leave=False, disable=rank != 0):
-            maps = model.anomaly_map(batch["images"].to(device), None, **routing_inputs(batch, device))
-            rows += image_scores(maps).float().tolist()  # B x V scores
+        for batch, index in tqdm(zip(DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers),
+                                     torch.tensor(indices).split(batch_size)),
+                                 desc="camera statistics", leave=False, disable=rank != 0):
+            view_mask = view_masks[index]  # (B, V)
+            maps = model.anomaly_map(batch["images"].to(device), view_mask.to(device) if drop_views else None,
+                                     **routing_inputs(batch, device))
+            rows += torch.where(view_mask, image_scores(maps).float().cpu(), torch.nan).tolist()  # B x V, NaN: dropped
             categories += batch["category"]
     scores = defaultdict(dict)  # category -> {sample index: V image scores}
     for part in gather(list(zip(indices, categories, rows)), everywhere=True):
@@ -574,7 +582,9 @@ def camera_statistics(model, dataset, device, batch_size: int = 8, workers: int 
     stats = {}
     for category, by_index in scores.items():
         rows = torch.tensor([by_index[i] for i in sorted(by_index)])  # (n, V) in sample order
-        stats[category] = torch.stack([rows.mean(0), rows.std(0, correction=0).clamp_min(1e-12)])  # (2, V)
+        mean = rows.nanmean(0)  # (V,) over the samples that keep each camera
+        std = (rows - mean).pow(2).nanmean(0).sqrt()  # the population std, as rows.std(0, correction=0)
+        stats[category] = torch.stack([mean, std.clamp_min(1e-12)])  # (2, V)
     return stats
 
 
@@ -789,7 +799,10 @@ def summarise(pixels: dict, gathered: dict) -> tuple[dict, dict, dict]:
         s, y, c, m = (gathered[category][k] for k in ("scores", "labels", "classes", "present"))
         sample, image = (sample_scores(s, m), sample_labels(c, m)), (s[m], y[m])
         f1_ader, f1_ader_bound = pixels[category].f1_max_ader()
-        levels[category] = {"sample": sample, "image": image, "pixel_roc": pixels[category].roc_curve()}
+        # with views removed, "sample" labels a sample by the views left (its defect may be in a removed
+        # view); "sample_all_views" by all its views, as the data set labels it
+        levels[category] = {"sample": sample, "image": image, "pixel_roc": pixels[category].roc_curve(),
+                            "sample_all_views": (sample[0], sample_labels(c))}
         per_category[category] = {"sample": level_metrics(*sample), "image": level_metrics(*image),
                                   "pixel": {**pixels[category].compute(), "f1_max_ader": f1_ader}}
         bounds[category] = {**pixels[category].error_bound(), "f1_max_ader": f1_ader_bound}

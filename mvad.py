@@ -31,6 +31,9 @@ Our choices where the paper is silent, and our extensions:
   one whose BatchNorm statistics are calibrated on the training images (`FrozenEncoder.calibrate`).
 - The positional embedding is computed for the actual feature size (official: fixed for 256 px inputs).
 - `mvas=False`: no MVAS blocks, RD4AD with MVAD's OCBE (the papers' "RD" column).
+- `routing`: "dot" is the official routing; "cosine" (pooled features L2-normalised) and "oracle" (the
+  windows that see the same surface, from the synthetic renderer's geometry, passed in as `overlaps`)
+  are diagnostics of ours, to tell a weak routing from a weak mechanism (bench/routing.py).
 - `backbone="wide_resnet50_2"`: channels 256/512/1024 and RD4AD's de-WideResNet50-2 decoder.
 """
 import math

@@ -20,6 +20,14 @@ Design choices (Real-IAD's layout and cameras, everything else ours):
   Real-IAD codes: HS scratch, ZW stain, QS material cut away, BX bulge, CH discoloured patch.
 - A view shows a defect when >= MIN_VISIBLE (0.6%) of its pixels do, else it is rendered without it;
   a defect no camera shows is placed again; a view without it is written as the release does: "OK", no mask.
+- Correspondences (what no real data set gives): every pixel's world point is known, so `visibility`
+  tells which cameras see it (a depth test) and `window_overlaps` which MVAS windows of two views see
+  the same surface. The cache keeps them for a 64 x 64 grid of each view's pixels
+  (`synthetic_geometry/<category>.npz`, about 2 MB per 100 samples; `load_geometry`); MVAD's routing
+  "oracle" and bench/routing.py read them through `WithOverlaps`.
+- Consistency categories (<category>_consistency): every view alone is a normal view, only the views
+  together are anomalous (`render_consistency`): normal samples show the accent parts in one of two
+  colours in every view, defective ones in the other colour in one or two views, masked there.
 """
 import copy
 import json
