@@ -22,10 +22,10 @@ from torch.testing import assert_close
 
 import data
 import synthetic
-from eval import (ADEVAL_SAMPLE_KEY, LEVEL_KEYS, ADEvalExport, EvalConfig, adeval_argv, camera_statistics, cli,
+from eval import (ADEVAL_SAMPLE_KEY, ADEvalExport, EvalConfig, adeval_argv, camera_statistics, cli,
                   drop_views_mask, evaluate, find_data_root, format_table, load_model, main, predict_image)
-from eval import connected_components as eval_connected_components
 from idif import IDIF, IDIFConfig
+from metrics import LEVEL_KEYS, connected_components
 from mvad import MVAD, MVADConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +165,7 @@ def test_adeval_agrees_with_our_metrics(synthetic_root, tmp_path):
     samples = sorted(set(keys))
     sample_scores = np.array([max(s for s, k in zip(scores, keys) if k == key) for key in samples])
     sample_labels = np.array([any(masks[i].any() for i, k in enumerate(keys) if k == key) for key in samples])
-    regions = eval_connected_components(masks)  # (N, H, W) 8-connected, as ADEval's cv2 call
+    regions = connected_components(masks)  # (N, H, W) 8-connected, as ADEval's cv2 call
     pro_weights = np.where(masks, 1.0 / np.bincount(regions.ravel())[regions], 0.0)  # 1 / region size
     for level, ours, (positives, negatives) in (
             ("s_auroc", metrics["sample"]["auroc"], adeval_strips(sample_scores, sample_labels)),
