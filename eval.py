@@ -15,7 +15,8 @@ only one class (null in metrics.json, "-" in tables). Memory: maps are never kep
 folds each batch into fixed-size histograms ("pixel_error_bound" in metrics.json, 1e-4 or less).
 
 Several processes (torchrun, or train.py's DDP run): each evaluates its shard of the test split
-(`shard`) and rank 0 merges them (`merge_shards`) into exactly what one process computes, and alone reports.
+(runtime.shard) and rank 0 merges them (`merge_shards`) into exactly what one process computes,
+and alone reports.
 
 Real-IAD's own scorer, ADEval (PyPI `adeval`), bins its curves (1,000 strips) and labels samples
 by their masks; `--export-adeval FILE` writes its input for the test split and the command that
@@ -37,8 +38,6 @@ pairs, e.g. B*V; one anomaly map each), n items in a list (samples of a split, s
 H x W image, h x w feature map, S scales, m heads, d = C / m channels per head, T tokens per attention
 unit (an MVAS window; an IDIF view). Here n_c: the samples of one category.
 """
-import contextlib
-import ctypes
 import dataclasses
 import json
 import math
@@ -56,19 +55,15 @@ import torch
 import torch.distributed as dist
 from matplotlib.figure import Figure  # figures drawn straight to files: no pyplot, no backend state
 from PIL import Image
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
 import synthetic
 from metrics import (LEVEL_KEYS, PixelMetrics, average, image_labels, image_scores, level_metrics, roc_points,
                      sample_labels, sample_scores, trapezoid, view_normalised)
-from idif import IDIF, IDIFConfig
-from mvad import MVAD, MVADConfig, read_torch_file
-from patchcore import PatchCore, PatchCoreConfig
-
-# name -> (config dataclass, model): every model has anomaly_map(images, view_mask) -> (B, V, H, W)
-METHODS = {"mvad": (MVADConfig, MVAD), "idif": (IDIFConfig, IDIF), "patchcore": (PatchCoreConfig, PatchCore)}
+from mvad import read_torch_file
+from runtime import (METHODS, PRECISIONS, accelerate, distributed_context, distributed_run, gather, place,
+                     resolve_device, setup_process, sharded_loader)
 
 # ----------------------------------------------------------------------------- dropped views and camera statistics
 
@@ -96,12 +91,10 @@ def camera_statistics(model, dataset, device, batch_size: int = 8, workers: int 
     Returns:
         {category: (2, V) tensor, row 0 the means, row 1 the stds}.
     """
-    rank, world = process_group()
-    indices = shard(len(dataset), rank, world)
+    loader, indices, rank = sharded_loader(dataset, batch_size, workers, device)
     categories, rows = [], []
     with torch.inference_mode():
-        for batch in tqdm(DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers),
-                          desc="camera statistics", leave=False, disable=rank != 0):
+        for batch in tqdm(loader, desc="camera statistics", leave=False, disable=rank != 0):
             rows += image_scores(model.anomaly_map(batch["images"].to(device))).float().tolist()  # B x V scores
             categories += batch["category"]
     scores = defaultdict(dict)  # category -> {sample index: V image scores}
@@ -113,40 +106,6 @@ def camera_statistics(model, dataset, device, batch_size: int = 8, workers: int 
         rows = torch.tensor([by_index[i] for i in sorted(by_index)])  # (n, V) in sample order
         stats[category] = torch.stack([rows.mean(0), rows.std(0, correction=0).clamp_min(1e-12)])  # (2, V)
     return stats
-
-
-# ----------------------------------------------------------------------------- several processes
-
-
-def process_group() -> tuple[int, int]:
-    """(rank, number of processes) of the torch.distributed group this process has joined (under
-    torchrun: eval.py's command line or train.py); (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def shard(num_samples: int, rank: int, world: int) -> list[int]:
-    """The indices of the samples that process `rank` of `world` evaluates: every world-th from
-    `rank` on. Strided, as the official code's DistributedSampler(shuffle=False) (lewandofskee/MVAD
-    data/__init__.py), but without its padding, which repeats samples to even out the shards. Each
-    shard holds every category in about equal parts, so the processes go through the categories
-    together. The order of the samples does not matter for any metric: the merge sorts them back."""
-    return list(range(rank, num_samples, world))
-
-
-def gather(part, everywhere: bool = False) -> list | None:
-    """Every process's `part` (any picklable object; tensors on the CPU) as a list in rank order:
-    on rank 0 only (None on the others), or on every process with `everywhere`. One process: [part]."""
-    rank, world = process_group()
-    if world == 1:
-        return [part]
-    parts = [None] * world
-    if everywhere:
-        dist.all_gather_object(parts, part)
-        return parts
-    dist.gather_object(part, parts if rank == 0 else None, dst=0)
-    return parts if rank == 0 else None
 
 
 # ----------------------------------------------------------------------------- the evaluation loop
@@ -191,10 +150,7 @@ def evaluate(model, dataset, device, drop_views: int = 0, batch_size: int = 8, w
             "image_threshold", "map_range"}}, "examples": [dict per kept sample]}.
         Both None on every process but rank 0.
     """
-    rank, world = process_group()
-    indices = shard(len(dataset), rank, world)
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=torch.device(device).type == "cuda")
+    loader, indices, rank = sharded_loader(dataset, batch_size, workers, device)
     collected, view_masks, start = ShardResults(bins, num_figures), None, 0  # start: the batch's place in the shard
     with torch.inference_mode():
         for batch in tqdm(loader, desc="evaluating", leave=False, disable=rank != 0):
@@ -509,85 +465,6 @@ def plot_roc(levels: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- checkpoint and data
 
 
-def place(model: torch.nn.Module, device) -> torch.nn.Module:
-    """Moves the model to `device`, on a CPU in the channels-last memory format, where oneDNN's
-    convolutions are faster: a training step 2-3% faster for MVAD and 9-16% for IDIF on the 2-core
-    machine of the README (bench/train.py measures both layouts). GPU runs keep the default layout,
-    the one their README figures were measured with."""
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else model
-
-
-PRECISIONS = ("fp32", "bf16")  # --precision: float32, or bf16 autocast of the forward passes
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def reuse_freed_memory() -> None:
-    """Lets the C allocator keep freed memory for the next tensors instead of returning it to the
-    system. glibc serves blocks above a threshold (at most 32 MiB) with fresh pages from the kernel
-    and unmaps them when freed, so every large temporary (a padded feature map, an attention matrix)
-    costs page faults and a kernel zero-fill of its pages, on every call (README, Performance: the
-    plain MVAS spent more than half of its time there). mallopt exists only in glibc: elsewhere
-    (macOS, Windows) this does nothing."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)  # heap (reused) instead of fresh mappings up to 1 GiB
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # keep up to 1 GiB of free heap in the process
-    except (OSError, AttributeError):
-        pass
-
-
-def setup_process(threads: int | None) -> None:
-    """CPU settings for a run: torch's threads when --threads is given (else torch's default, the
-    cores, or $OMP_NUM_THREADS as torchrun sets it), reuse_freed_memory(). On an idle 2-core machine
-    2 threads took 1.55 s per MVAD step against 2.7 s for 1; with another process keeping one core
-    busy 2 threads took 5.2 s against 3.0 s for 1 (README, Performance): there --threads 1 is faster."""
-    if threads is not None and threads < 1:
-        raise data.UserError(f"--threads {threads}: must be at least 1 (or leave it out for the default)")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    reuse_freed_memory()
-
-
-def autocast(device, precision: str):
-    """The forward passes' autocast context: bf16 for --precision bf16, a no-op for fp32."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-@contextlib.contextmanager
-def distributed_run(device: torch.device, world: int, local_rank: int):
-    """The process's device and, for several processes (torchrun), the torch.distributed group
-    (nccl on GPUs, gloo on CPUs) around the run. A plain "cuda" becomes the GPU of LOCAL_RANK
-    (GPU 0 for one process). Yields the device."""
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield device
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
-def accelerate(anomaly_map, device, compile: bool, precision: str):
-    """A model's anomaly_map method, compiled (compile_model) and/or under bf16 autocast."""
-    fn = compile_model(anomaly_map, device) if compile else anomaly_map
-
-    def run(images, view_mask=None):
-        with autocast(device, precision):
-            return fn(images, view_mask)
-    return run
-
-
-def compile_model(module, device):
-    """torch.compile(module); on a GPU with CUDA graphs (mode "reduce-overhead"), which removes the
-    kernel-launch overhead that bounds the MVAS blocks there."""
-    return torch.compile(module, mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
-
-
 def load_model(path: str):
     """Rebuilds the model of a train.py checkpoint: its method, its config with weights="none"
     (the frozen encoder's weights, calibrated or ImageNet, are in the state dict), its state dict.
@@ -842,19 +719,6 @@ class EvalConfig:
     seed: int = 0  # seed of the --drop-views draw
     bins: int = 2**16  # PixelMetrics histogram bins: 2.6 MB per category, error bound <= ~1e-4
     export_adeval: str | None = None  # write ADEval's input (pickle of maps) here; None: no export
-
-
-def resolve_device(flag: str | None) -> torch.device:
-    """--device as a torch.device (None: cuda if available, else cpu), with one-line errors."""
-    try:
-        device = torch.device(flag or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise data.UserError(f"--device {flag}: not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise data.UserError(f"--device {flag}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
 def main(cfg: EvalConfig) -> dict:
     """Evaluates a checkpoint on its test split; writes metrics.json, metrics.md, PNGs; prints the
     table; returns the metrics dict (as written to metrics.json, with NaN for undefined metrics).
@@ -1024,15 +888,6 @@ def parse_predict_args(argv=None) -> PredictConfig:
     p.add_argument("--category", default=None, help="which of a multi-class run's thresholds (None: its only one)")
     p.add_argument("--device", default=None, help="None = cuda if available, else cpu")
     return PredictConfig(**vars(p.parse_args(argv)))
-
-
-def distributed_context() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-
-
 def main_in_torchrun(cfg: EvalConfig) -> dict:
     """main(cfg); under torchrun (RANK set) inside a process group of its processes, gloo on CPUs
     and nccl on GPUs, each process on the GPU of its LOCAL_RANK, so that they share the test split:

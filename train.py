@@ -47,10 +47,11 @@ from tqdm import tqdm
 
 import data
 import synthetic
-from eval import (METHODS, PAPER_SETTINGS, PRECISIONS, EvalConfig, autocast, category_list, compile_model,
-                  distributed_context, distributed_run, place, protocol_note, resolve_device, setup_process)
+from eval import PAPER_SETTINGS, EvalConfig, category_list, protocol_note
 from eval import main as evaluate_run
 from mvad import FrozenEncoder, read_torch_file
+from runtime import (METHODS, PRECISIONS, autocast, compile_model, distributed_context, distributed_run, place,
+                     resolve_device, setup_process)
 
 # The defaults that depend on the hardware: "gpu" is the papers' setting (MVAD's official
 # configs/mvad/mvad_realiad.py; the IDIF paper's 256 px, batch 8); "cpu" trains and evaluates the

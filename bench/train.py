@@ -60,7 +60,7 @@ TRAIN_SAMPLES = 40  # the synthetic zipper train split
 
 def build(method: str, image_size: int, batch_size: int, device: str, layout: str = "train.py"):
     """Model, optimizer and one batch, as train.run builds them; layout "contiguous" keeps the default
-    memory format where train.py would use channels-last (eval.place), for the before/after."""
+    memory format where train.py would use channels-last (runtime.place), for the before/after."""
     cfg = train.resolve(train.TrainConfig(method=method, image_size=image_size, batch_size=batch_size,
                                           weights="none", device=device))
     dataset = train.training_set(cfg, synthetic.synthetic_root("zipper"))
@@ -251,7 +251,7 @@ def main() -> None:
                          f"{1e3 * r['step_s_contiguous']:.0f}", f"{1e3 * r['step_s']:.0f}",
                          f"{r['samples_per_s']:.2f}", f"{r['epoch_s']:.1f}", f"{r['flops'] / 1e9:.1f}",
                          f"{r['flops_per_s'] / 1e9:.1f}", f"{r['flops_per_s'] / peak:.0%}"] for r in runs])
-    print("contiguous ms: the step in the default memory format; step ms: as train.py runs it (eval.place: "
+    print("contiguous ms: the step in the default memory format; step ms: as train.py runs it (runtime.place: "
           "channels-last on a CPU). GFLOP/step: forward + backward as FlopCounterMode counts them; GFLOP/s: "
           "that over the whole step (optimizer included)")
     if args.device == "cuda":
