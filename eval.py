@@ -384,6 +384,11 @@ class ADEvalExport:
 # ----------------------------------------------------------------------------- reports and pictures
 
 
+def file_name(text: str) -> str:
+    """`text` as a file name on any system: each character but letters, digits and _ . - becomes _."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+
+
 def _percent(x: float) -> str:
     return "-" if math.isnan(x) else f"{100 * x:.1f}"
 
@@ -476,7 +481,7 @@ def load_model(path: str):
         raise data.UserError(f"--checkpoint {path}: no such file; pass the last.pt that train.py wrote "
                              "(e.g. runs/idif_zipper/last.pt)")
     checkpoint = read_torch_file(path, f"--checkpoint {path}", "PyTorch checkpoint",
-                                 "the file is damaged or of another kind, re-run train.py", data.UserError)
+                                 "the file is damaged or of another kind, re-run train.py")
     if not isinstance(checkpoint, dict) or not {"method", "config", "model"} <= checkpoint.keys():
         raise data.UserError(f"--checkpoint {path}: not a train.py checkpoint (it needs the keys "
                              "method, config and model)")
@@ -643,7 +648,7 @@ def predict(cfg: PredictConfig) -> dict:
     device = resolve_device(cfg.device)
     model, checkpoint = load_model(str(run / "last.pt"))
     model, size = place(model, device), checkpoint["config"]["image_size"]
-    out.mkdir(parents=True, exist_ok=True)
+    created(out, "--out")
     results = []
     for key, paths in samples:
         images = torch.stack([predict_image(p, size) for p in paths])  # (V, 3, H, W)
@@ -654,7 +659,7 @@ def predict(cfg: PredictConfig) -> dict:
             scores = view_normalised(scores, torch.tensor(decision["view_stats"]))  # (V,)
         result = {"sample_id": key, "score": float(scores.max()),
                   "anomalous": bool(scores.max() >= decision["sample_threshold"]),
-                  "picture": f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png",
+                  "picture": f"{file_name(key)}.png",
                   "views": [{"path": str(p), "score": float(x),
                              "anomalous": bool(x >= decision["image_threshold"])} for p, x in zip(paths, scores)]}
         rgb = images.permute(0, 2, 3, 1).numpy()  # (V, H, W, 3)
@@ -737,8 +742,7 @@ def main(cfg: EvalConfig) -> dict:
     if cfg.view_norm:
         train_set = data.RealIAD(root, category_list(category), "train", image_size=checkpoint["config"]["image_size"])
         view_stats = camera_statistics(model, train_set, device, cfg.batch_size, cfg.workers)
-    export = None if cfg.export_adeval is None else ADEvalExport(_writable(cfg.export_adeval),
-                                                                 test_set.categories)
+    export = adeval_export(cfg.export_adeval, test_set.categories)
     metrics, collected = evaluate(model, test_set, device, drop_views=cfg.drop_views,
                                   batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
                                   view_stats=view_stats, num_figures=cfg.num_figures, bins=cfg.bins,
@@ -787,14 +791,29 @@ def test_split(cfg: EvalConfig, checkpoint: dict) -> tuple:
     return root, category, test_set
 
 
+def created(folder: Path, flag: str) -> Path:
+    """`folder`, created with its parents; a one-line error naming the `flag` that chose it when that
+    cannot be done."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise data.UserError(f"{flag}: cannot create the folder {folder} ({e.strerror}); choose a writable "
+                             "place") from None
+    return folder
+
+
+def adeval_export(path: str | None, categories: list[str]) -> "ADEvalExport | None":
+    """The ADEvalExport of --export-adeval FILE, FILE's folder created; None without the flag."""
+    if path is None:
+        return None
+    created(Path(path).parent, "--export-adeval")
+    return ADEvalExport(Path(path), categories)
+
+
 def output_folder(cfg: EvalConfig) -> Path:
     """--out (else the checkpoint's folder), created; a one-line error when that cannot be done."""
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise data.UserError(f"--out {out}: cannot create the folder ({e.strerror}); choose a writable one")
-    return out
+    return created(out, "--out")
 
 
 def run_settings(cfg: EvalConfig, checkpoint: dict, root: Path, test_set, collected: dict) -> dict:
@@ -824,16 +843,6 @@ def report_notes(cfg: EvalConfig, checkpoint: dict, root: Path, metrics: dict, e
     return [note for note in notes if note]
 
 
-def _writable(path: str) -> Path:
-    """The --export-adeval file, its folder created; a one-line error when that cannot be done."""
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise data.UserError(f"--export-adeval {path}: cannot create its folder ({e.strerror}); choose a "
-                             "writable place") from None
-    return Path(path)
-
-
 def write_reports(out: Path, metrics: dict, collected: dict, category: str, title: str,
                   notes: list[str]) -> None:
     """metrics.json, metrics.md (title, table, notes), roc.png, the example pictures; prints the same."""
@@ -842,7 +851,7 @@ def write_reports(out: Path, metrics: dict, collected: dict, category: str, titl
     (out / "metrics.md").write_text("\n\n".join([title, table.rstrip("\n"), *notes]) + "\n")
     plot_roc(collected["levels"], out / "roc.png")
     for k, ex in enumerate(collected["examples"]):
-        plot_example(ex, out / f"example_{k}_{re.sub(r'[^A-Za-z0-9_.-]', '_', ex['sample_id'])}.png")
+        plot_example(ex, out / f"example_{k}_{file_name(ex['sample_id'])}.png")
     print(title)
     print(format_table(metrics, category), end="")
     for note in notes:

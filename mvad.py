@@ -428,14 +428,14 @@ ENCODERS = {
 }
 
 
-def read_torch_file(path, what: str, kind: str, fix: str = "", error: type = ValueError):
+def read_torch_file(path, what: str, kind: str, fix: str = ""):
     """torch.load(path) to the CPU with weights_only=True (tensors and plain containers, no code run).
-    A file torch cannot read raises `error` (train.py and eval.py pass data.UserError) with one line:
-    "<what>: not a readable <kind> (<exception type>)[; <fix>]"."""
+    A file torch cannot read raises ValueError with one line (the scripts print it as their other
+    errors): "<what>: not a readable <kind> (<exception type>)[; <fix>]"."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated, foreign or tampered file: torch raises many different types
-        raise error(f"{what}: not a readable {kind} ({type(e).__name__})" + (f"; {fix}" if fix else "")) from None
+        raise ValueError(f"{what}: not a readable {kind} ({type(e).__name__})" + (f"; {fix}" if fix else "")) from None
 
 
 def imagenet_file(arch: str) -> Path:
@@ -737,7 +737,18 @@ class Decoder(nn.Module):
 
 
 @dataclass
-class MVADConfig:
+class TrainingRecipe:
+    """The optimiser recipe that train.py applies to a trained method (AdamW, betas (0.9, 0.999)),
+    the fields its config shares; the values are the official MVAD code's
+    (lewandofskee/MVAD configs/mvad/mvad_realiad.py). A config without it (PatchCore) trains nothing."""
+    base_lr: float = 0.005  # rate per 16 images: lr = base_lr * images per step / 16 (ADer's rule); official: 0.005
+    weight_decay: float = 1e-4  # AdamW weight decay, on weights only (not biases and norms); official: 1e-4
+    clip: float = 5.0  # gradient-norm clip; official: 5
+    lr_decay_at: float = 0.8  # the rate drops x0.1 after this share of the epochs; official: epoch 80 of 100
+
+
+@dataclass
+class MVADConfig(TrainingRecipe):
     backbone: str = "resnet34"  # frozen teacher: resnet34 (paper), resnet18, or wide_resnet50_2 (RD4AD's)
     weights: str = "auto"  # teacher weights: auto | imagenet | none | <path>; paper: ImageNet
     image_size: int = 256  # input height = width in pixels, a multiple of 32; paper: 256
@@ -751,11 +762,7 @@ class MVADConfig:
     loss_weight: float = 5.0  # multiplies the multi-scale MSE; official: 5 (ADer's L2Loss lam)
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly maps, pixels; official: 4
     mvas: bool = True  # the MVAS blocks; False: none at all, RD4AD (the "RD" column of the papers' tables)
-    # the optimiser (train.py): AdamW, betas (0.9, 0.999); official: configs/mvad/mvad_realiad.py
-    base_lr: float = 0.005  # rate per 16 images: lr = base_lr * images per step / 16 (ADer's rule); official: 0.005
-    weight_decay: float = 1e-4  # AdamW weight decay, on weights only (not biases and norms); official: 1e-4
-    clip: float = 5.0  # gradient-norm clip; official: 5
-    lr_decay_at: float = 0.8  # the rate drops x0.1 after this share of the epochs; official: epoch 80 of 100
+    # the optimiser: TrainingRecipe's fields (base_lr, weight_decay, clip, lr_decay_at), the official values
 
 
 class MVAD(nn.Module):

@@ -393,6 +393,12 @@ def test_bad_flags(synthetic_root, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(data.UserError, match=r"^--device cuda: CUDA is not available on this machine"):
             main(EvalConfig(checkpoint=checkpoint, device="cuda"))
+    blocked = tmp_path / "a file"  # a folder cannot be created inside a file
+    blocked.write_text("")
+    for flags in ({"out": str(blocked / "run")}, {"export_adeval": str(blocked / "adeval.pkl")}):
+        flag = "--" + next(iter(flags)).replace("_", "-")
+        with pytest.raises(data.UserError, match=rf"^{flag}: cannot create the folder .*a file.*; choose a writable"):
+            main(EvalConfig(checkpoint=checkpoint, device="cpu", **flags))
 
 
 def test_data_root_rules(tmp_path, monkeypatch):
