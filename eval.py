@@ -63,7 +63,7 @@ from metrics import (LEVEL_KEYS, PixelMetrics, average, image_labels, image_scor
                      sample_labels, sample_scores, trapezoid, view_normalised)
 from mvad import read_torch_file
 from runtime import (METHODS, PRECISIONS, accelerate, distributed_context, distributed_run, gather, place,
-                     resolve_device, setup_process, sharded_loader)
+                     process_group, resolve_device, setup_process, sharded_loader)
 
 # ----------------------------------------------------------------------------- dropped views and camera statistics
 
@@ -749,7 +749,7 @@ def main(cfg: EvalConfig) -> dict:
                                   export=export)
     if metrics is None:  # not rank 0, which reports for every process
         return {}
-    metrics["settings"] = run_settings(cfg, checkpoint, root, test_set, collected)
+    metrics["settings"] = run_settings(cfg, checkpoint, root, test_set, collected, device)
     metrics["predict"] = {c: {**decision, "view_stats": None if view_stats is None else view_stats[c].tolist()}
                           for c, decision in collected["decision"].items()}  # what `eval.py predict` applies
     title = (f"{checkpoint['method']} on {category}: {len(test_set)} test samples, drop_views "
@@ -816,15 +816,16 @@ def output_folder(cfg: EvalConfig) -> Path:
     return created(out, "--out")
 
 
-def run_settings(cfg: EvalConfig, checkpoint: dict, root: Path, test_set, collected: dict) -> dict:
-    """metrics.json's "settings": what was evaluated, on which data, how."""
+def run_settings(cfg: EvalConfig, checkpoint: dict, root: Path, test_set, collected: dict, device) -> dict:
+    """metrics.json's "settings": what was evaluated, on which data, how (on which device, by how many
+    processes: a sharded evaluation says so in its own output)."""
     levels = collected["levels"]
     return {"checkpoint": str(cfg.checkpoint), "method": checkpoint["method"], "epoch": checkpoint.get("epoch"),
             "data_root": str(root), "categories": sorted(levels), "image_size": checkpoint["config"]["image_size"],
             "samples": len(test_set), "views": test_set[0]["images"].shape[0], "drop_views": cfg.drop_views,
             "view_norm": cfg.view_norm,
             "positive_samples": positive_samples(collected), "images": sum(len(c["image"][0]) for c in levels.values()),
-            "seed": cfg.seed, "pixel_bins": cfg.bins}
+            "seed": cfg.seed, "pixel_bins": cfg.bins, "device": str(device), "world_size": process_group()[1]}
 
 
 def positive_samples(collected: dict) -> int:

@@ -73,6 +73,7 @@ def test_main_writes_metrics_table_and_pictures(synthetic_root, tmp_path, capsys
     assert "per_category" not in metrics
     settings = metrics["settings"]
     assert (settings["method"], settings["samples"], settings["views"], settings["drop_views"]) == ("mvad", 5, 5, 0)
+    assert (settings["device"], settings["world_size"]) == ("cpu", 1)
     assert all(0 <= v <= 1e-3 for v in metrics["pixel_error_bound"].values())
 
     written = json.loads((tmp_path / "metrics.json").read_text())
@@ -221,8 +222,10 @@ def test_two_processes_evaluate_as_one(synthetic_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Pixel AUROC/AP/F1-max/AU-PRO/F1-max(ADer)") == 1  # rank 0 alone reports
     one, two = (json.loads((run / "metrics.json").read_text()) for run in runs.values())
-    for key in ("sample", "image", "settings", "predict"):
+    for key in ("sample", "image", "predict"):
         assert one[key] == two[key], key
+    assert one["settings"].pop("world_size") == 1 and two["settings"].pop("world_size") == 2  # sharded, and says so
+    assert one["settings"] == two["settings"]
     assert one["settings"]["images"] == 5 * 3 and one["sample"]["auroc"] is not None
     for key, bound in one["pixel_error_bound"].items():
         assert abs(one["pixel"][key] - two["pixel"][key]) <= bound + 1e-12, key
