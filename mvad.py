@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.utils import flop_counter
 from torchvision.models.resnet import Bottleneck
 
 
@@ -220,6 +221,10 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
     with a = 14: the official code computes and crops them), the selected windows are gathered
     whole from a flat table instead of through an expanded token index, and the attention is fused
     where that is faster (`windowed_attention`).
+
+    Counting FLOPs: on CPU tensors FlopCounterMode alone does not see the fused attention's kernel
+    and counts the routing only (17 M of 125 M FLOPs at the official scale 0); `counted_flops`, or
+    tensors on the meta device, count it all (`mvas_flops(..., image_only=True)`).
     """
     N, h, w, C = query.shape
     # STEP 1 (arXiv:2407.11935, MVAS, "Neighbourhood Attention Window"): X -> X_a (v, a^2, hw/a^2, c), zero
@@ -244,6 +249,9 @@ def full_cross_attention(query: torch.Tensor, others: torch.Tensor, num_heads: i
     scaling (full C), heads and (absent) projections as `mvas_attention`. Through PyTorch's fused
     attention, which streams the (h*w x (V-1)*h*w) matrix instead of holding it (8 views at
     64x64 would need 32 GiB for it); `full_cross_attention_reference` is the naive formula.
+    Counting FLOPs: on CPU tensors FlopCounterMode alone does not see the fused kernel and counts 0
+    (of 17,180 M at the official scale 0); `counted_flops`, or tensors on the meta device, count it
+    (`cross_attention_flops`).
 
     Args:
         query: (N, h, w, C) the query view (plus positional embedding).
@@ -336,6 +344,27 @@ def mvas_flops(h: int, w: int, c: int, n_other: int, n_win: int, topk: int, imag
 def cross_attention_flops(h: int, w: int, c: int, n_other: int) -> int:
     """Exact FLOPs of one `full_cross_attention` call for one query view, 4 v (hw)^2 c (notebook 03)."""
     return 2 * 2 * (h * w) * c * (n_other * h * w)
+
+
+# torch 2.14's FlopCounterMode has formulas for the fused attention's GPU kernels and counts the meta
+# device's version as matrix products, but has none for its CPU kernel: counted on CPU tensors,
+# `full_cross_attention` is 0 FLOPs and `mvas_attention` only its routing. The same formulas, for it:
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(grad, q, k, v),
+}
+
+
+def counted_flops(fn, *args, **kwargs) -> int:
+    """FLOPs of one call fn(*args, **kwargs) as FlopCounterMode counts them (2 per multiply-add;
+    elementwise operations, softmax and top-k are not counted), on any device: on a CPU the fused
+    attention's kernel included (CPU_ATTENTION_FLOPS), so a forward counts what it counts on the meta
+    device. A fused backward counts as on a GPU (it recomputes the attention matrix)."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops()
 
 
 # ----------------------------------------------------------------------------- small helpers
