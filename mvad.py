@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.utils import flop_counter
 from torchvision.models.resnet import Bottleneck
 
 
@@ -220,6 +221,10 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
     with a = 14: the official code computes and crops them), the selected windows are gathered
     whole from a flat table instead of through an expanded token index, and the attention is fused
     where that is faster (`windowed_attention`).
+
+    Counting FLOPs: on CPU tensors FlopCounterMode alone does not see the fused attention's kernel
+    and counts the routing only (17 M of 125 M FLOPs at the official scale 0); `counted_flops`, or
+    tensors on the meta device, count it all (`mvas_flops(..., image_only=True)`).
     """
     N, h, w, C = query.shape
     # STEP 1 (arXiv:2407.11935, MVAS, "Neighbourhood Attention Window"): X -> X_a (v, a^2, hw/a^2, c), zero
@@ -244,6 +249,9 @@ def full_cross_attention(query: torch.Tensor, others: torch.Tensor, num_heads: i
     scaling (full C), heads and (absent) projections as `mvas_attention`. Through PyTorch's fused
     attention, which streams the (h*w x (V-1)*h*w) matrix instead of holding it (8 views at
     64x64 would need 32 GiB for it); `full_cross_attention_reference` is the naive formula.
+    Counting FLOPs: on CPU tensors FlopCounterMode alone does not see the fused kernel and counts 0
+    (of 17,180 M at the official scale 0); `counted_flops`, or tensors on the meta device, count it
+    (`cross_attention_flops`).
 
     Args:
         query: (N, h, w, C) the query view (plus positional embedding).
@@ -336,6 +344,27 @@ def mvas_flops(h: int, w: int, c: int, n_other: int, n_win: int, topk: int, imag
 def cross_attention_flops(h: int, w: int, c: int, n_other: int) -> int:
     """Exact FLOPs of one `full_cross_attention` call for one query view, 4 v (hw)^2 c (notebook 03)."""
     return 2 * 2 * (h * w) * c * (n_other * h * w)
+
+
+# torch 2.14's FlopCounterMode has formulas for the fused attention's GPU kernels and counts the meta
+# device's version as matrix products, but has none for its CPU kernel: counted on CPU tensors,
+# `full_cross_attention` is 0 FLOPs and `mvas_attention` only its routing. The same formulas, for it:
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(grad, q, k, v),
+}
+
+
+def counted_flops(fn, *args, **kwargs) -> int:
+    """FLOPs of one call fn(*args, **kwargs) as FlopCounterMode counts them (2 per multiply-add;
+    elementwise operations, softmax and top-k are not counted), on any device: on a CPU the fused
+    attention's kernel included (CPU_ATTENTION_FLOPS), so a forward counts what it counts on the meta
+    device. A fused backward counts as on a GPU (it recomputes the attention matrix)."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops()
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -435,14 +464,14 @@ def encoder_channels(arch: str) -> tuple[int, int, int]:
     return (64 * expansion, 128 * expansion, 256 * expansion)
 
 
-def read_torch_file(path, what: str, kind: str, fix: str = "", error: type = ValueError):
+def read_torch_file(path, what: str, kind: str, fix: str = ""):
     """torch.load(path) to the CPU with weights_only=True (tensors and plain containers, no code run).
-    A file torch cannot read raises `error` (train.py and eval.py pass data.UserError) with one line:
-    "<what>: not a readable <kind> (<exception type>)[; <fix>]"."""
+    A file torch cannot read raises ValueError with one line (the scripts print it as their other
+    errors): "<what>: not a readable <kind> (<exception type>)[; <fix>]"."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated, foreign or tampered file: torch raises many different types
-        raise error(f"{what}: not a readable {kind} ({type(e).__name__})" + (f"; {fix}" if fix else "")) from None
+        raise ValueError(f"{what}: not a readable {kind} ({type(e).__name__})" + (f"; {fix}" if fix else "")) from None
 
 
 def imagenet_file(arch: str) -> Path:
@@ -766,7 +795,18 @@ def check_recipe(cfg, source: str) -> None:
 
 
 @dataclass
-class MVADConfig:
+class TrainingRecipe:
+    """The optimiser recipe that train.py applies to a trained method (AdamW, betas (0.9, 0.999)),
+    the fields its config shares; the values are the official MVAD code's
+    (lewandofskee/MVAD configs/mvad/mvad_realiad.py). A config without it (PatchCore) trains nothing."""
+    base_lr: float = 0.005  # rate per 16 images: lr = base_lr * images per step / 16 (ADer's rule); official: 0.005
+    weight_decay: float = 1e-4  # AdamW weight decay, on weights only (not biases and norms; 0: none); official: 1e-4
+    clip: float = 5.0  # gradient-norm clip; official: 5
+    lr_decay_at: float = 0.8  # the rate drops x0.1 after this share of the epochs; official: epoch 80 of 100
+
+
+@dataclass
+class MVADConfig(TrainingRecipe):
     backbone: str = "resnet34"  # frozen teacher: resnet34 (paper), resnet18, or wide_resnet50_2 (RD4AD's)
     weights: str = "auto"  # teacher weights: auto | imagenet | none | <path>; paper: ImageNet
     image_size: int = 256  # input height = width in pixels, a multiple of 32; paper: 256
@@ -780,11 +820,7 @@ class MVADConfig:
     loss_weight: float = 5.0  # multiplies the multi-scale MSE; official: 5 (ADer's L2Loss lam)
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly maps, pixels; official: 4
     mvas: bool = True  # the MVAS blocks; False: none at all, RD4AD (the "RD" column of the papers' tables)
-    # the optimiser (train.py): AdamW, betas (0.9, 0.999); official: configs/mvad/mvad_realiad.py
-    base_lr: float = 0.005  # rate per 16 images: lr = base_lr * images per step / 16 (ADer's rule); official: 0.005
-    weight_decay: float = 1e-4  # AdamW weight decay, on weights only (not biases and norms; 0: none); official: 1e-4
-    clip: float = 5.0  # gradient-norm clip; official: 5
-    lr_decay_at: float = 0.8  # the rate drops x0.1 after this share of the epochs; official: epoch 80 of 100
+    # the optimiser: TrainingRecipe's fields (base_lr, weight_decay, clip, lr_decay_at), the official values
 
     def __post_init__(self):
         """Checks every field: a ValueError naming it, its value, its range and the official value."""

@@ -42,6 +42,7 @@ import torch
 import common  # before the project's modules: it puts the repository root on sys.path
 import data
 import eval as evaluation
+import runtime
 import train
 
 # name -> (row label, method, config fields set)
@@ -72,7 +73,7 @@ def check_variants(names: list[str]) -> None:
         if name not in VARIANTS:
             raise data.UserError(f"--variants {name}: unknown; choose from {', '.join(VARIANTS)}")
         _, method, fields = VARIANTS[name]
-        config_class = evaluation.METHODS[method][0]
+        config_class = runtime.METHODS[method][0]
         missing = sorted(set(fields) - {f.name for f in dataclasses.fields(config_class)})
         if missing:
             raise data.UserError(f"--variants {name}: {config_class.__name__} has no field {', '.join(missing)} "
@@ -87,7 +88,7 @@ def base_config(args, method: str = "mvad", **changes) -> train.TrainConfig:
         cfg = dataclasses.replace(cfg, epochs=args.epochs)
     if cfg.image_size is None:  # one size for every method, as the tables compare them (train.py's CPU
         # default for MVAD alone is 96 px: train.CPU_METHOD_PROFILES); the profile's shared size
-        shared = train.profile_for(evaluation.resolve_device(args.device))
+        shared = train.profile_for(runtime.resolve_device(args.device))
         cfg = dataclasses.replace(cfg, image_size=shared["image_size"])
     return dataclasses.replace(cfg, **changes)
 
@@ -134,7 +135,7 @@ def missing_view_curve(model, run: dict, device: str, view_stats: dict | None, d
         {"K": [{"draw", "positives" (defective samples left), "sample_auroc", ...} per draw]}, K as a
         string (as JSON keeps it).
     """
-    model = evaluation.place(model, device)
+    model = runtime.place(model, device)
     test_set = data.RealIAD(run["data_root"], evaluation.category_list(run["category"]), "test",
                             image_size=run["image_size"])
     curve = {}
