@@ -953,6 +953,22 @@ class WithOverlaps(Dataset):
         return item
 
 
+def routed(dataset, root, model):
+    """The split as the model reads it: for MVAD with routing "oracle" its items also carry each
+    window's geometric overlaps with the other views' windows (`WithOverlaps`); otherwise
+    the split itself."""
+    cfg = getattr(model, "cfg", None)
+    if getattr(cfg, "routing", "dot") != "oracle" or model.fusion is None:
+        return dataset
+    return WithOverlaps(dataset, root, [cfg.image_size // s for s in model.encoder.strides], cfg.n_win)
+
+
+def routing_inputs(batch: dict, device) -> dict:
+    """What a batch of a `routed` split holds for the model beyond the images: {"overlaps": S x
+    (B, V, A, M)} for MVAD's routing "oracle", {} otherwise."""
+    return {"overlaps": [o.to(device) for o in batch["overlaps"]]} if "overlaps" in batch else {}
+
+
 def synthesize(out, category, n_train=40, n_test_normal=30, n_test_defect=30, resolution=256, seed=0):
     """Write a synthetic multi-view split of one category in the Real-IAD layout.
 

@@ -9,11 +9,12 @@
 
 One loop serves both methods: a batch is (B, V, 3, H, W), the last partial one dropped as in the
 official code (`fit_batch`); MVAD's loss needs only the clean views, IDIF's also the
-pseudo-anomalous ones (data.PseudoAnomalies). The optimiser recipe is in each method's config
-(MVADConfig / IDIFConfig: base_lr, weight_decay, clip, lr_decay_at). PatchCore (patchcore.py) is
-training-free: one pass over the training images fills its memory bank, saved in last.pt. After
-the last epoch (or the fit) the run is evaluated by eval.py's `main` (metrics.json, metrics.md and
-pictures in --out); a run whose settings are not the papers' says so in one line (eval.protocol_note).
+pseudo-anomalous ones (data.PseudoAnomalies). The optimiser recipe is in each method's config (the
+fields of mvad.TrainingRecipe in MVADConfig / IDIFConfig: base_lr, weight_decay, clip, lr_decay_at).
+PatchCore (patchcore.py) is training-free: one pass over the training images fills its memory bank,
+saved in last.pt. After the last epoch (or the fit) the run is evaluated by eval.py's `main`
+(metrics.json, metrics.md and pictures in --out); a run whose settings are not the papers' says so in
+one line (eval.protocol_note).
 
 Profiles: with a GPU the defaults are the papers' settings (256x256, batch 8 samples, 100 epochs);
 on a CPU a small profile (`PROFILES["cpu"]`: 128x128, batch 4, 15 epochs, per-camera score
@@ -47,11 +48,11 @@ from tqdm import tqdm
 
 import data
 import synthetic
-from eval import (METHODS, PAPER_SETTINGS, PRECISIONS, EvalConfig, autocast, category_list, compile_model,
-                  distributed_context, distributed_run, place, protocol_note, resolve_device, routed,
-                  routing_inputs, setup_process)
+from eval import PAPER_SETTINGS, EvalConfig, category_list, protocol_note
 from eval import main as evaluate_run
-from mvad import FrozenEncoder, read_torch_file
+from mvad import FrozenEncoder, TrainingRecipe, read_torch_file
+from runtime import (METHODS, PRECISIONS, autocast, compile_model, distributed_context, distributed_run, place,
+                     resolve_device, setup_process)
 
 # The defaults that depend on the hardware: "gpu" is the papers' setting (MVAD's official
 # configs/mvad/mvad_realiad.py; the IDIF paper's 256 px, batch 8); "cpu" trains and evaluates the
@@ -183,8 +184,9 @@ def check_writable(out: Path) -> None:
 
 
 def training_free(method: str) -> bool:
-    """True for PatchCore, whose config has no optimiser: one pass over the training images fills its memory bank."""
-    return not hasattr(METHODS[method][0], "base_lr")
+    """True for PatchCore, whose config has no optimiser recipe: one pass over the training images fills its
+    memory bank."""
+    return not issubclass(METHODS[method][0], TrainingRecipe)
 
 
 def build_optimizer(model: torch.nn.Module, model_cfg, lr: float) -> torch.optim.AdamW:
@@ -247,8 +249,7 @@ def save_atomically(state: dict, path: Path) -> None:
 
 def load_checkpoint(path: Path, method: str | None = None) -> dict:
     """Reads a run's last.pt, with one-line errors for a corrupt file or another method's run."""
-    state = read_torch_file(path, str(path), "checkpoint", "delete it, or start a new run without --resume",
-                            data.UserError)
+    state = read_torch_file(path, str(path), "checkpoint", "delete it, or start a new run without --resume")
     if method is not None and state.get("method") != method:
         raise data.UserError(f"{path} holds a {state.get('method')!r} run, not {method!r}; "
                              "use the same --method or another --out")
@@ -320,7 +321,7 @@ def training_loss(model, batch: dict, method: str, device: torch.device) -> dict
     images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, H, W)
     if method == "idif":
         return model(images, batch["corrupted"].to(device, non_blocking=True))
-    return {"loss": model(images, **routing_inputs(batch, device))}
+    return {"loss": model(images, **synthetic.routing_inputs(batch, device))}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -378,7 +379,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     log = print if rank == 0 else (lambda *args: None)
     cfg, train_set = prepare_data(cfg, world, device, log)
     model_cfg, model, optimizer = build_model(cfg, train_set[0]["images"].shape[0], device)
-    train_set = routed(train_set, Path(cfg.data_root), model)
+    train_set = synthetic.routed(train_set, Path(cfg.data_root), model)
     random_encoder = announce_protocol(cfg, model, log)
     if optimizer is None:  # training-free: rank 0 fits, then every process evaluates its shard
         if rank == 0:

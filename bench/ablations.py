@@ -52,6 +52,9 @@ import torch
 import common  # before the project's modules: it puts the repository root on sys.path
 import data
 import eval as evaluation
+import metrics
+import runtime
+import synthetic
 import train
 
 # name -> (row label, method, config fields set)
@@ -95,7 +98,7 @@ def check_variants(names: list[str]) -> None:
         if name not in VARIANTS:
             raise data.UserError(f"--variants {name}: unknown; choose from {', '.join(VARIANTS)}")
         _, method, fields = VARIANTS[name]
-        config_class = evaluation.METHODS[method][0]
+        config_class = runtime.METHODS[method][0]
         missing = sorted(set(fields) - {f.name for f in dataclasses.fields(config_class)})
         if missing:
             raise data.UserError(f"--variants {name}: {config_class.__name__} has no field {', '.join(missing)} "
@@ -110,7 +113,7 @@ def base_config(args, method: str = "mvad", **changes) -> train.TrainConfig:
         cfg = dataclasses.replace(cfg, epochs=args.epochs)
     if cfg.image_size is None:  # one size for every method, as the tables compare them (train.py's CPU
         # default for MVAD alone is 96 px: train.CPU_METHOD_PROFILES); the profile's shared size
-        shared = train.profile_for(evaluation.resolve_device(args.device))
+        shared = train.profile_for(runtime.resolve_device(args.device))
         cfg = dataclasses.replace(cfg, image_size=shared["image_size"])
     return dataclasses.replace(cfg, **changes)
 
@@ -199,10 +202,10 @@ def missing_view_curve(folder: Path, device: str, view_norm: bool, draws: int) -
         over the views left), "sample_auroc_all_views", "image_auroc"} per draw]}, K as a string (as JSON keeps it).
     """
     model, state = evaluation.load_model(str(folder / "last.pt"))
-    model, run = evaluation.place(model, device).eval(), state["train"]
+    model, run = runtime.place(model, device).eval(), state["train"]
     root, categories = Path(run["data_root"]), evaluation.category_list(run["category"])
-    test_set = evaluation.routed(data.RealIAD(root, categories, "test", image_size=run["image_size"]), root, model)
-    train_set = evaluation.routed(data.RealIAD(root, categories, "train", image_size=run["image_size"]), root, model)
+    test_set = synthetic.routed(data.RealIAD(root, categories, "test", image_size=run["image_size"]), root, model)
+    train_set = synthetic.routed(data.RealIAD(root, categories, "train", image_size=run["image_size"]), root, model)
     curve = {}
     for k in range(1, test_set[0]["images"].shape[0]):
         curve[str(k)] = []
@@ -215,7 +218,7 @@ def missing_view_curve(folder: Path, device: str, view_norm: bool, draws: int) -
                 "draw": draw, "positives": evaluation.positive_samples(collected),
                 "positives_all_views": sum(int(labels.sum()) for _, labels in all_views),
                 "sample_auroc": none_for_nan(metrics["sample"]["auroc"]),
-                "sample_auroc_all_views": none_for_nan(statistics.fmean(evaluation.auroc(*level) for level in all_views)),
+                "sample_auroc_all_views": none_for_nan(statistics.fmean(metrics.auroc(*level) for level in all_views)),
                 "image_auroc": none_for_nan(metrics["image"]["auroc"])})
     return curve
 

@@ -10,7 +10,7 @@ Tables:
    forward + backward for the query only (as in MVAD's training: the other views are the frozen
    encoder's features). The two run side by side, interleaved (`common.interleaved_median_seconds`),
    in a process of their own, once with glibc's default allocator and once with the freed memory kept
-   for reuse as train.py and eval.py run (`eval.reuse_freed_memory`); the largest output and gradient
+   for reuse as train.py and eval.py run (`runtime.reuse_freed_memory`); the largest output and gradient
    differences are printed beside the times.
 0b. MVAS's windowed attention alone at the same size (no routing, gather or copies): by the formula, by
    PyTorch's fused kernel, and by a chunked flash-style autograd function (`ChunkedAttention`, an
@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 import common  # before the project's modules: it puts the repository root on sys.path
-import eval as project_eval
 import mvad
+import runtime
 
 OTHER_VIEWS = 4  # V - 1 key/value views of a 5-view Real-IAD sample
 TOPK, HEADS = 4, 8  # the official top-K and MVAS heads
@@ -66,7 +66,7 @@ def dense_bytes(size: int) -> int:
 def before_after_case(device, reuse_memory: bool, size: int, repeats: int) -> dict:
     """Table 0 in one process: median seconds of both versions, and their largest differences."""
     if reuse_memory:
-        project_eval.reuse_freed_memory()
+        runtime.reuse_freed_memory()
     g = torch.Generator().manual_seed(0)
     query = torch.randn(QUERY_VIEWS, size, size, 64, generator=g).to(device)  # (N, H, W, C)
     others = torch.randn(QUERY_VIEWS, OTHER_VIEWS, size, size, 64, generator=g).to(device)  # (N, V-1, H, W, C)
@@ -159,7 +159,7 @@ def attention_alone_case(device, repeats: int, quick: bool) -> dict:
     """Table 0b in one process (freed memory reused, as train.py): MVAS's windowed attention at
     scale 0 without routing, gather or copies, three ways, forward and forward + backward for the
     query; and the two operations its time goes to, against the machine's large matrix product."""
-    project_eval.reuse_freed_memory()
+    runtime.reuse_freed_memory()
     size, C, a, k = (32 if quick else SCALE_0["size"]), 64, SCALE_0["n_win"], SCALE_0["topk"]
     th, tw, rows, cols = mvad.window_grid(size, size, a)
     W, T, d = QUERY_VIEWS * rows * cols * HEADS, th * tw, C // HEADS  # windows x heads, tokens, channels

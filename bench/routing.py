@@ -31,6 +31,7 @@ import common  # before the project's modules: it puts the repository root on sy
 import data
 import eval as evaluation
 import mvad
+import runtime
 import synthetic
 import train
 
@@ -114,7 +115,7 @@ def measure(model: mvad.MVAD, dataset, batch_size: int, device) -> list[dict]:
     with torch.inference_mode():
         for batch in DataLoader(dataset, batch_size=batch_size):
             records.clear()
-            images, extra = batch["images"].to(device), evaluation.routing_inputs(batch, device)
+            images, extra = batch["images"].to(device), synthetic.routing_inputs(batch, device)
             model.features(images, overlaps=extra["overlaps"] if cfg.routing == "oracle" else None)
             B, V = images.shape[:2]
             for n, (s, _) in enumerate(blocks):
@@ -137,7 +138,7 @@ def untrained_model(config: dict, root: Path, category: str, device) -> mvad.MVA
     """MVAD as train.py starts it (seed 42) from `config` (an MVADConfig as a dict; routing "dot", the
     encoder's weights "auto"), its encoder calibrated on the training split when it is random-init."""
     torch.manual_seed(train.TrainConfig.seed)
-    model = evaluation.place(mvad.MVAD(mvad.MVADConfig(**{**config, "weights": "auto", "routing": "dot"})), device)
+    model = runtime.place(mvad.MVAD(mvad.MVADConfig(**{**config, "weights": "auto", "routing": "dot"})), device)
     split = data.RealIAD(root, [category], "train", image_size=model.cfg.image_size)
     train.calibrate_frozen_encoders(model, split, device, print)
     return model.eval()
@@ -152,7 +153,7 @@ def models(args) -> list[tuple[str, mvad.MVAD, Path, str]]:
         if checkpoint["method"] != "mvad" or model.fusion is None:
             raise data.UserError(f"--runs {run}: not an MVAD run with MVAS blocks ({checkpoint['method']})")
         settings = checkpoint["train"]
-        out.append((path.parent.name, evaluation.place(model, args.device).eval(), Path(settings["data_root"]),
+        out.append((path.parent.name, runtime.place(model, args.device).eval(), Path(settings["data_root"]),
                     settings["category"]))
     if args.untrained and out:  # the first run's config and data
         config, root, category = dataclasses.asdict(out[0][1].cfg), out[0][2], out[0][3]

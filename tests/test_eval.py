@@ -22,10 +22,10 @@ from torch.testing import assert_close
 
 import data
 import synthetic
-from eval import (ADEVAL_SAMPLE_KEY, LEVEL_KEYS, ADEvalExport, EvalConfig, adeval_argv, camera_statistics, cli,
+from eval import (ADEVAL_SAMPLE_KEY, ADEvalExport, EvalConfig, adeval_argv, camera_statistics, cli,
                   drop_views_mask, evaluate, find_data_root, format_table, load_model, main, predict_image)
-from eval import connected_components as eval_connected_components
 from idif import IDIF, IDIFConfig
+from metrics import LEVEL_KEYS, connected_components
 from mvad import MVAD, MVADConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +73,7 @@ def test_main_writes_metrics_table_and_pictures(synthetic_root, tmp_path, capsys
     assert "per_category" not in metrics
     settings = metrics["settings"]
     assert (settings["method"], settings["samples"], settings["views"], settings["drop_views"]) == ("mvad", 5, 5, 0)
+    assert (settings["device"], settings["world_size"]) == ("cpu", 1)
     assert all(0 <= v <= 1e-3 for v in metrics["pixel_error_bound"].values())
 
     written = json.loads((tmp_path / "metrics.json").read_text())
@@ -165,7 +166,7 @@ def test_adeval_agrees_with_our_metrics(synthetic_root, tmp_path):
     samples = sorted(set(keys))
     sample_scores = np.array([max(s for s, k in zip(scores, keys) if k == key) for key in samples])
     sample_labels = np.array([any(masks[i].any() for i, k in enumerate(keys) if k == key) for key in samples])
-    regions = eval_connected_components(masks)  # (N, H, W) 8-connected, as ADEval's cv2 call
+    regions = connected_components(masks)  # (N, H, W) 8-connected, as ADEval's cv2 call
     pro_weights = np.where(masks, 1.0 / np.bincount(regions.ravel())[regions], 0.0)  # 1 / region size
     for level, ours, (positives, negatives) in (
             ("s_auroc", metrics["sample"]["auroc"], adeval_strips(sample_scores, sample_labels)),
@@ -221,8 +222,10 @@ def test_two_processes_evaluate_as_one(synthetic_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Pixel AUROC/AP/F1-max/AU-PRO/F1-max(ADer)") == 1  # rank 0 alone reports
     one, two = (json.loads((run / "metrics.json").read_text()) for run in runs.values())
-    for key in ("sample", "image", "settings", "predict"):
+    for key in ("sample", "image", "predict"):
         assert one[key] == two[key], key
+    assert one["settings"].pop("world_size") == 1 and two["settings"].pop("world_size") == 2  # sharded, and says so
+    assert one["settings"] == two["settings"]
     assert one["settings"]["images"] == 5 * 3 and one["sample"]["auroc"] is not None
     for key, bound in one["pixel_error_bound"].items():
         assert abs(one["pixel"][key] - two["pixel"][key]) <= bound + 1e-12, key
@@ -407,6 +410,12 @@ def test_bad_flags(synthetic_root, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(data.UserError, match=r"^--device cuda: CUDA is not available on this machine"):
             main(EvalConfig(checkpoint=checkpoint, device="cuda"))
+    blocked = tmp_path / "a file"  # a folder cannot be created inside a file
+    blocked.write_text("")
+    for flags in ({"out": str(blocked / "run")}, {"export_adeval": str(blocked / "adeval.pkl")}):
+        flag = "--" + next(iter(flags)).replace("_", "-")
+        with pytest.raises(data.UserError, match=rf"^{flag}: cannot create the folder .*a file.*; choose a writable"):
+            main(EvalConfig(checkpoint=checkpoint, device="cpu", **flags))
 
 
 def test_data_root_rules(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """train.py end to end on tiny configs: both methods, the encoder's calibration, the optimiser
 recipe, resume, atomic checkpoints and a full disk, DDP with 2 CPU processes (and the GPUs'
 SyncBatchNorm conversion), and the one-line errors of bad input."""
+import ast
 import dataclasses
 import errno
 import json
@@ -353,6 +354,8 @@ def run_cli(*args, cwd=ROOT, env=None, timeout=120):
     (["--data-root", "{synthetic}", "--out", "{tmp}/fresh", "--resume"], "--resume: no checkpoint at"),
     (["--method", "mvad", "--set", "wings=2"], "--set wings=2: expected NAME=VALUE"),
     (["--method", "mvad", "--set", "topk=many"], "--set topk=many: 'many' is not a valid int"),
+    (["--method", "mvad", "--data-root", "{synthetic}", "--image-size", "64", "--out", "{tmp}/run",
+      "--set", "n_win=2,2,2", "--set", "topk=0"], "error: topk 0 must be at least 1"),  # MVADConfig's ValueError
     (["--threads", "0"], "--threads 0: must be at least 1"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(args, message, synthetic, tmp_path):
@@ -454,3 +457,12 @@ def test_synchronised_batchnorm_spares_the_frozen_encoders_and_keeps_the_checkpo
     loaded, _ = load_model(str(tmp_path / "last.pt"))
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in loaded.modules())
     assert all(torch.equal(loaded.state_dict()[k], before[k]) for k in before)
+
+
+def test_train_takes_its_process_set_up_from_runtime_not_from_eval():
+    """train.py asks eval.py only for the evaluation (its config, main, the papers' settings and the
+    protocol note); device, threads, precision, compile and the process group come from runtime.py."""
+    tree = ast.parse((ROOT / "train.py").read_text())
+    from_eval = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "eval"
+                 for alias in node.names}
+    assert from_eval == {"PAPER_SETTINGS", "EvalConfig", "category_list", "protocol_note", "main"}
