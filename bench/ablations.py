@@ -211,15 +211,15 @@ def missing_view_curve(folder: Path, device: str, view_norm: bool, draws: int) -
         curve[str(k)] = []
         for draw in range(draws):
             stats = evaluation.camera_statistics(model, train_set, device, drop_views=k, seed=draw) if view_norm else None
-            metrics, collected = evaluation.evaluate(model, test_set, device, drop_views=k, seed=draw,
-                                                     view_stats=stats, num_figures=0)
+            scored, collected = evaluation.evaluate(model, test_set, device, drop_views=k, seed=draw,
+                                                    view_stats=stats, num_figures=0)
             all_views = [curves["sample_all_views"] for curves in collected["levels"].values()]
             curve[str(k)].append({
                 "draw": draw, "positives": evaluation.positive_samples(collected),
                 "positives_all_views": sum(int(labels.sum()) for _, labels in all_views),
-                "sample_auroc": none_for_nan(metrics["sample"]["auroc"]),
+                "sample_auroc": none_for_nan(scored["sample"]["auroc"]),
                 "sample_auroc_all_views": none_for_nan(statistics.fmean(metrics.auroc(*level) for level in all_views)),
-                "image_auroc": none_for_nan(metrics["image"]["auroc"])})
+                "image_auroc": none_for_nan(scored["image"]["auroc"])})
     return curve
 
 

@@ -210,3 +210,29 @@ def test_consistency_category_names(tmp_path):
                       "eraser_consistency_0004_NG_CV": 1}
     with pytest.raises(data.UserError, match="valid categories"):
         synthetic.synthesize(tmp_path, "eraser_consistent")
+
+
+def test_per_camera_patchcore_is_blind_to_views_that_disagree(tmp_path):
+    """PatchCore with one memory bank per camera (a per-view detector) on a small zipper_consistency
+    split: every view it scores is one that normal samples show, so its sample AUROC stays near
+    chance (0.5 +- 0.3 on 8 + 8 test samples), while the same detector finds plain defects (>= 0.9)."""
+    from patchcore import PatchCore, PatchCoreConfig
+    from metrics import auroc, image_scores, sample_scores
+
+    def sample_auroc(category):
+        root = synthetic.synthesize(tmp_path, category, n_train=10, n_test_normal=8, n_test_defect=8, resolution=R)
+        split = {s: data.RealIAD(root, category, s, image_size=R) for s in ("train", "test")}
+        train = torch.stack([split["train"][i]["images"] for i in range(len(split["train"]))])  # (10, V, 3, R, R)
+        torch.manual_seed(0)
+        model = PatchCore(PatchCoreConfig(backbone="resnet18", weights="none", image_size=R, width=64,
+                                          projection_dim=16)).eval()
+        model.encoder.calibrate([train.flatten(0, 1)])
+        model.fit(train.split(5), seed=0)
+        test = [split["test"][i] for i in range(len(split["test"]))]
+        with torch.inference_mode():
+            scores = image_scores(model.anomaly_map(torch.stack([item["images"] for item in test])))  # (16, V)
+        return auroc(sample_scores(scores), torch.tensor([item["label"] for item in test]))
+
+    consistency, plain = sample_auroc("zipper_consistency"), sample_auroc("zipper")
+    print(f"per-camera PatchCore sample AUROC: zipper_consistency {consistency:.2f}, zipper {plain:.2f}")
+    assert abs(consistency - 0.5) < 0.3 and plain >= 0.9
