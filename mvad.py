@@ -420,7 +420,9 @@ def _reflect_index(n: int, radius: int, device) -> torch.Tensor:
 
 def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     """Separable Gaussian smoothing with scipy.ndimage.gaussian_filter's defaults (kernel truncated
-    at 4 sigma, 'reflect' borders), as the official code applies to each map.
+    at 4 sigma, 'reflect' borders), as the official code applies to each map. In the maps' own
+    dtype even under bf16 autocast, which would round the scores to 3 significant digits and tie
+    the pixels that the metrics rank.
 
     Args:
         maps: (..., H, W).
@@ -434,16 +436,18 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = (kernel / kernel.sum()).to(device=maps.device, dtype=maps.dtype)
     out = maps.reshape(-1, 1, H, W)  # (N, 1, H, W)
-    out = out[:, :, _reflect_index(H, radius, maps.device), :]  # (N, 1, H + 2r, W)
-    out = F.conv2d(out, kernel.view(1, 1, -1, 1))  # (N, 1, H, W)
-    out = out[:, :, :, _reflect_index(W, radius, maps.device)]  # (N, 1, H, W + 2r)
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1))  # (N, 1, H, W)
+    with torch.autocast("cuda" if maps.is_cuda else "cpu", enabled=False):  # (meta tensors: no autocast)
+        out = out[:, :, _reflect_index(H, radius, maps.device), :]  # (N, 1, H + 2r, W)
+        out = F.conv2d(out, kernel.view(1, 1, -1, 1))  # (N, 1, H, W)
+        out = out[:, :, :, _reflect_index(W, radius, maps.device)]  # (N, 1, H, W + 2r)
+        out = F.conv2d(out, kernel.view(1, 1, 1, -1))  # (N, 1, H, W)
     return out.reshape(*lead, H, W)
 
 
 def reconstruction_loss(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> torch.Tensor:
-    """Multi-scale MSE: sum over scales of mean((teacher - student)^2). Lists of S (N, C, h, w)."""
-    return sum(F.mse_loss(s, t) for t, s in zip(teacher, student))
+    """Multi-scale MSE: sum over scales of mean((teacher - student)^2), in float32 (the features may
+    be bf16 under autocast). Lists of S (N, C, h, w) -> scalar."""
+    return sum(F.mse_loss(s.float(), t.float()) for t, s in zip(teacher, student))
 
 
 # ----------------------------------------------------------------------------- frozen encoder
