@@ -181,7 +181,10 @@ def windowed_attention(q: torch.Tensor, kv: torch.Tensor, scale: float,
     (N*Q, m, T, k*T). Returns (N*Q, m, T, d). PyTorch's fused kernel without gradients and on a GPU
     (not measured there); on a CPU with gradients the formula, since the fused backward is slow for
     MVAS's 8-channel heads (forward + backward of MVAS at 128 px input, scale 0, freed memory reused
-    as train.py runs, 2-core AMD EPYC: 135 ms fused, 74 ms by the formula).
+    as train.py runs, 2-core AMD EPYC: 135 ms fused, 74 ms by the formula). Not by window size:
+    bench/attention.py table 0c times both at every MVAD scale from 96 to 256 px input, and on a
+    2-core AMD EPYC with AVX-512 the formula was the faster at each (the fused kernel 1.05x to 3.8x
+    slower, 1.8x at the official scale 0), so there was no size to switch at.
     """
     any_valid = None if mask is None else mask.any(dim=-1, keepdim=True)  # (..., 1) a key left?
     if mask is not None:

@@ -134,11 +134,15 @@ def resolve_precision(flag: str, device) -> tuple[str, str]:
 
 
 def autocast(device, precision: str):
-    """The forward passes' autocast context: bf16 for precision "bf16", a no-op for "fp32". Under it
-    the convolutions, matrix products and attention compute in bf16 (autocast's lower-precision
-    ops); the weights, gradients and optimizer state stay float32, and the model files keep in
-    float32 what rounding would hurt: the losses and their reductions, the anomaly map from the
-    feature distances on (mvad.cosine_distance_map, gaussian_blur, PatchCore's distances)."""
+    """The forward passes' autocast context: bf16 for precision "bf16", a no-op for "fp32".
+
+    In bf16: the convolutions, matrix products and attention of the models (autocast's lower-precision
+    ops) in the training steps and in the evaluation's anomaly-map pass, and their backward.
+    In float32: the weights, gradients and optimizer state (autocast casts copies); the losses and
+    their reductions (the model files cast the features first); the anomaly maps from the feature
+    distances on (cosine distance, upsampling, mvad.gaussian_blur; PatchCore's patch features and
+    distances); the BatchNorm calibration of random-init encoders and PatchCore's memory bank (outside
+    autocast); the metrics (metrics.py, float64 on the CPU)."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
