@@ -23,10 +23,9 @@ from torch.testing import assert_close
 import data
 import synthetic
 from eval import (ADEVAL_SAMPLE_KEY, ADEvalExport, EvalConfig, adeval_argv, camera_statistics, cli,
-                  drop_views_mask, evaluate, find_data_root, format_table, load_model, main, predict_image,
-                  score_batch)
+                  drop_views_mask, evaluate, find_data_root, format_table, load_model, main, predict_image)
 from idif import IDIF, IDIFConfig
-from metrics import LEVEL_KEYS, connected_components
+from metrics import LEVEL_KEYS, connected_components, image_scores
 from mvad import MVAD, MVADConfig
 from patchcore import PatchCore, PatchCoreConfig
 from runtime import accelerate, autocast
@@ -206,11 +205,10 @@ def test_dropped_views_and_view_norm(synthetic_root, tmp_path):
 def test_under_bf16_autocast_maps_losses_and_metric_inputs_stay_float32():
     """--precision bf16 (auto on a CPU with bf16 instructions): the models' convolutions, matrix
     products and attention compute in bf16, and change the maps; the maps (the pixel metrics' input)
-    and image scores are float32 computed in float32, not bf16 values widened (bf16 keeps 8 bits:
+    and the image scores are float32 computed in float32, not bf16 values widened (bf16 keeps 8 bits:
     most pixel scores would tie), and so are the training losses."""
     torch.manual_seed(0)
     images = torch.randn(1, 2, 3, SIZE, SIZE)  # (B, V, 3, H, W)
-    batch = {"images": images, "masks": torch.zeros(1, 2, 1, SIZE, SIZE), "view_classes": torch.zeros(1, 2)}
     models = {"mvad": MVAD(MVADConfig(backbone="resnet18", weights="none", image_size=SIZE, n_win=(4, 3, 2), topk=2,
                                       blocks=(1, 1, 1))),
               "idif": IDIF(IDIFConfig(image_size=SIZE, num_views=2, weights="none", voxel_size=(2, 4, 4),
@@ -218,13 +216,11 @@ def test_under_bf16_autocast_maps_losses_and_metric_inputs_stay_float32():
               "patchcore": PatchCore(PatchCoreConfig(backbone="resnet18", width=64, weights="none", image_size=SIZE))}
     models["patchcore"].fit(iter([images]), seed=0)
     for name, model in models.items():
-        fp32 = score_batch(model.eval(), batch, "cpu", None, None)["maps"]
-        model.anomaly_map = accelerate(model.anomaly_map, "cpu", False, "bf16")
-        assert model.anomaly_map(images).dtype == torch.float32, name
-        scored = score_batch(model, batch, "cpu", None, None)  # what the metrics receive
-        assert scored["maps"].dtype == scored["scores"].dtype == torch.float32, name
-        assert (scored["maps"].bfloat16().float() != scored["maps"]).float().mean() > 0.9, name
-        assert not torch.equal(scored["maps"], fp32), name  # the features were bf16
+        fp32 = model.eval().anomaly_map(images)
+        maps = accelerate(model.anomaly_map, "cpu", False, "bf16")(images)  # as eval.py runs it
+        assert maps.dtype == image_scores(maps).dtype == torch.float32, name
+        assert (maps.bfloat16().float() != maps).float().mean() > 0.9, name
+        assert not torch.equal(maps, fp32), name  # the features were bf16
     with autocast("cpu", "bf16"):
         losses = [models["mvad"].train()(images), *models["idif"].train()(images, images).values()]
     assert all(loss.dtype == torch.float32 for loss in losses)
