@@ -735,6 +735,7 @@ def main(cfg: EvalConfig) -> dict:
                              f"{cfg.num_figures}: need at least 1, 2 and 0")
     device = resolve_device(cfg.device)
     precision, why = resolve_precision(cfg.precision, device)
+    chosen = f"precision {precision}" + (f" ({why})" if cfg.precision == "auto" else "")  # for the title
     cfg = dataclasses.replace(cfg, precision=precision)
     setup_process(cfg.threads)
     model, checkpoint = prepared_model(cfg, device)
@@ -755,7 +756,7 @@ def main(cfg: EvalConfig) -> dict:
     metrics["predict"] = {c: {**decision, "view_stats": None if view_stats is None else view_stats[c].tolist()}
                           for c, decision in collected["decision"].items()}  # what `eval.py predict` applies
     title = (f"{checkpoint['method']} on {category}: {len(test_set)} test samples, drop_views "
-             f"{cfg.drop_views}, view_norm {cfg.view_norm}, precision {precision} ({why})")
+             f"{cfg.drop_views}, view_norm {cfg.view_norm}, {chosen}")
     write_reports(out, metrics, collected, category, title, report_notes(cfg, checkpoint, root, metrics, export))
     return metrics
 

@@ -120,8 +120,9 @@ def resolve_precision(flag: str, device) -> tuple[str, str]:
     """The precision a run uses for --precision `flag` on `device` ("fp32" or "bf16") and why, for the
     start-up line. "auto": bf16 autocast where the device computes bf16 natively (a CUDA GPU with
     cuda_bf16, a CPU with one of BF16_INSTRUCTIONS), float32 elsewhere: where bf16 is emulated it is
-    slower than float32 (about 15x for a training step on a 2-core AMD EPYC with AVX2 only), where
-    it is native faster (0.56x on a 2-core Xeon with AMX-BF16, README). "fp32" and "bf16" force either."""
+    slower than float32 (a training step about 15x on a 2-core AMD EPYC with AVX2 only), where it
+    is native faster (0.62x to 0.69x on a 2-core AMD EPYC with AVX512-BF16; README, Performance).
+    An ARM CPU's bf16 instructions are not counted: not measured. "fp32" and "bf16" force either."""
     if flag != "auto":
         return flag, f"--precision {flag}"
     device = torch.device(device)
