@@ -70,7 +70,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from mvad import DeBasicBlock, FrozenEncoder, TrainingRecipe, cosine_distance_map, gaussian_blur, rd4ad_init
+from mvad import (DeBasicBlock, FrozenEncoder, TrainingRecipe, check_field, check_recipe, cosine_distance_map,
+                  encoder_channels, gaussian_blur, is_count, rd4ad_init)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -445,11 +446,40 @@ class IDIFConfig(TrainingRecipe):
     view_dropout: float = 0.2  # probability of dropping a view in training, one always kept (paper: 0.2)
     alpha: float = 1.0  # weight of L_Distill (paper: 1)
     beta: float = 1.0  # weight of L_IB (paper: 1)
-    kl_weight: float = 0.01  # weight of KL(N(mu, Sigma^2) || N(0, 1)) in L_IB; holds Sigma up (paper: none)
+    kl_weight: float = 0.01  # weight of KL(N(mu, Sigma^2) || N(0, 1)) in L_IB; holds Sigma up (0: none, the paper's)
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly maps, pixels (paper is silent; MVAD's official 4)
     # the optimiser (TrainingRecipe's fields), paper is silent: MVAD's official recipe with a lower rate for
     # the attention fusion
     base_lr: float = 0.002  # learning rate per 16 images: lr = base_lr * images per step / 16 (MVAD's: 0.005)
+
+    def __post_init__(self):
+        """Checks every field: a ValueError naming it, its value, its range and the paper's value."""
+        check_field(self, "patch_size", is_count(self.patch_size), "at least 1", "the paper is silent, we use 2")
+        stride = 16 * self.patch_size  # pixels per f_s token: stage 3 is H/16, then patches of patch_size
+        check_field(self, "image_size", is_count(self.image_size) and self.image_size % stride == 0,
+                    f"a multiple of {stride} for IDIF (16 x patch_size {self.patch_size}); use e.g. --image-size "
+                    "128 or 256", "the paper uses 256")
+        check_field(self, "num_views", is_count(self.num_views), "at least 1", "Real-IAD has 5")
+        check_field(self, "weights", isinstance(self.weights, str) and self.weights != "",
+                    "auto, imagenet, none or a file", "the paper: ImageNet")
+        check_field(self, "bottleneck", isinstance(self.bottleneck, bool), "true or false", "the paper: true")
+        check_field(self, "fusion", isinstance(self.fusion, bool), "true or false", "the paper: true")
+        check_field(self, "latent_channels", is_count(self.latent_channels), "at least 1",
+                    "the paper is silent, we use 64")
+        check_field(self, "voxel_size", len(self.voxel_size) == 3 and all(map(is_count, self.voxel_size)),
+                    "3 sizes (Dv, Hv, Wv), each at least 1", "the paper is silent, we use 4, 8, 8")
+        check_field(self, "fusion_blocks", is_count(self.fusion_blocks), "at least 1 (fusion=false: none)",
+                    "the paper is silent, we use 2")
+        width = encoder_channels("resnet18")[-1]  # C, the teacher's stage 3 and the voxel's width
+        check_field(self, "heads", is_count(self.heads) and width % self.heads == 0,
+                    f"a divisor of the fusion width {width}", "the paper is silent, we use 8")
+        check_field(self, "view_dropout", 0 <= self.view_dropout < 1, "in [0, 1)", "the paper uses 0.2")
+        check_field(self, "alpha", self.alpha > 0, "positive", "the paper uses 1")
+        check_field(self, "beta", self.beta > 0, "positive (bottleneck=false: no L_IB)", "the paper uses 1")
+        check_field(self, "kl_weight", self.kl_weight >= 0, "at least 0 (0: no KL term)",
+                    "the paper has none, we use 0.01")
+        check_field(self, "blur_sigma", self.blur_sigma > 0, "positive", "the paper is silent, MVAD's official: 4")
+        check_recipe(self, "the paper is silent, MVAD's official")
 
 
 class IDIF(nn.Module):
@@ -457,14 +487,8 @@ class IDIF(nn.Module):
 
     def __init__(self, cfg: IDIFConfig):
         super().__init__()
-        stride = 16 * cfg.patch_size
-        if cfg.image_size % stride:
-            raise ValueError(f"image_size {cfg.image_size} must be a multiple of {stride} for IDIF "
-                             f"(16 x patch_size {cfg.patch_size}); use e.g. --image-size 128 or 256")
-        if not 0 <= cfg.view_dropout < 1:
-            raise ValueError(f"view_dropout {cfg.view_dropout} must be in [0, 1); the paper uses 0.2")
         self.cfg = cfg
-        grid = cfg.image_size // stride
+        grid = cfg.image_size // (16 * cfg.patch_size)
         self.teacher = FrozenEncoder("resnet18", cfg.weights)
         channels = self.teacher.channels  # (64, 128, 256); C = 256 is also the student's f_E width
         self.student = student_encoder()

@@ -464,6 +464,13 @@ ENCODERS = {
 }
 
 
+def encoder_channels(arch: str) -> tuple[int, int, int]:
+    """The channels of stages 1-3 of an ENCODERS ResNet: 64, 128, 256 for the BasicBlock ones
+    (resnet18, resnet34), four times as many for the Bottleneck one (wide_resnet50_2)."""
+    expansion = 4 if arch == "wide_resnet50_2" else 1
+    return (64 * expansion, 128 * expansion, 256 * expansion)
+
+
 def read_torch_file(path, what: str, kind: str, fix: str = ""):
     """torch.load(path) to the CPU with weights_only=True (tensors and plain containers, no code run).
     A file torch cannot read raises ValueError with one line (the scripts print it as their other
@@ -509,8 +516,7 @@ class FrozenEncoder(nn.Module):
                                  f"unexpected {unexpected[:3]}); give a torchvision/timm {arch} file")
         self.conv1, self.bn1, self.layer1, self.layer2, self.layer3 = \
             net.conv1, net.bn1, net.layer1, net.layer2, net.layer3
-        expansion = 4 if isinstance(self.layer1[0], Bottleneck) else 1
-        self.channels = (64 * expansion, 128 * expansion, 256 * expansion)  # stages 1-3
+        self.channels = encoder_channels(arch)  # stages 1-3
         self.register_buffer("bn_ready", torch.tensor(state is not None))
         self.requires_grad_(False)
         self.train(False)
@@ -772,13 +778,36 @@ class Decoder(nn.Module):
 # ----------------------------------------------------------------------------- config and model
 
 
+def check_field(cfg, name: str, ok: bool, allowed: str, paper: str) -> None:
+    """One step of a config's check (its `__post_init__` checks the fields one by one, in order, so
+    that a test may use fields checked before it): unless ok, a one-line ValueError naming the field,
+    its value, what it allows and the paper's or official value."""
+    if not ok:
+        raise ValueError(f"{name} {getattr(cfg, name)!r} must be {allowed}; {paper}")
+
+
+def is_count(value, least: int = 1) -> bool:
+    """Whether value is a whole number (not a bool) of at least `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_recipe(cfg, source: str) -> None:
+    """`check_field` for the optimiser's fields that MVADConfig and IDIFConfig share; source says
+    whose values the defaults are ("official", or where the paper is silent, whose we took)."""
+    check_field(cfg, "base_lr", cfg.base_lr > 0, "positive", f"{source}: 0.005")
+    check_field(cfg, "weight_decay", cfg.weight_decay >= 0, "at least 0 (0: no decay)", f"{source}: 1e-4")
+    check_field(cfg, "clip", cfg.clip > 0, "positive", f"{source}: 5")
+    check_field(cfg, "lr_decay_at", 0 < cfg.lr_decay_at <= 1, "in (0, 1] (1: not before the last epoch)",
+                f"{source}: 0.8")
+
+
 @dataclass
 class TrainingRecipe:
     """The optimiser recipe that train.py applies to a trained method (AdamW, betas (0.9, 0.999)),
     the fields its config shares; the values are the official MVAD code's
     (lewandofskee/MVAD configs/mvad/mvad_realiad.py). A config without it (PatchCore) trains nothing."""
     base_lr: float = 0.005  # rate per 16 images: lr = base_lr * images per step / 16 (ADer's rule); official: 0.005
-    weight_decay: float = 1e-4  # AdamW weight decay, on weights only (not biases and norms); official: 1e-4
+    weight_decay: float = 1e-4  # AdamW weight decay, on weights only (not biases and norms; 0: none); official: 1e-4
     clip: float = 5.0  # gradient-norm clip; official: 5
     lr_decay_at: float = 0.8  # the rate drops x0.1 after this share of the epochs; official: epoch 80 of 100
 
@@ -790,7 +819,7 @@ class MVADConfig(TrainingRecipe):
     image_size: int = 256  # input height = width in pixels, a multiple of 32; paper: 256
     n_win: tuple[int, ...] = (14, 9, 6)  # MVAS windows per side a at the 3 scales; official: 14, 9, 6
     topk: int = 4  # windows of the other views each query window attends to (K); official: 4
-    blocks: tuple[int, ...] = (1, 2, 4)  # MVAS blocks at the 3 scales; official: 1, 2, 4
+    blocks: tuple[int, ...] = (1, 2, 4)  # MVAS blocks at the 3 scales (0: none at that scale); official: 1, 2, 4
     num_heads: int = 8  # attention heads in MVAS; official: 8
     mlp_ratio: int = 4  # hidden width of the block MLP, in multiples of C; official: 4
     dropout: float = 0.1  # dropout inside the block MLP; official: 0.1
@@ -800,17 +829,40 @@ class MVADConfig(TrainingRecipe):
     mvas: bool = True  # the MVAS blocks; False: none at all, RD4AD (the "RD" column of the papers' tables)
     # the optimiser: TrainingRecipe's fields (base_lr, weight_decay, clip, lr_decay_at), the official values
 
+    def __post_init__(self):
+        """Checks every field: a ValueError naming it, its value, its range and the official value."""
+        check_field(self, "backbone", self.backbone in ENCODERS, f"one of {', '.join(ENCODERS)}",
+                    "the paper uses resnet34")
+        check_field(self, "weights", isinstance(self.weights, str) and self.weights != "",
+                    "auto, imagenet, none or a file", "the paper: ImageNet")
+        check_field(self, "image_size", is_count(self.image_size) and self.image_size % 32 == 0,
+                    "a multiple of 32 for MVAD (--image-size)", "official: 256")
+        sides = [self.image_size // stride for stride in (4, 8, 16)]  # h_s, the feature maps' sides
+        fits = len(self.n_win) == 3 and all(is_count(a) and a <= h for a, h in zip(self.n_win, sides))
+        check_field(self, "n_win", fits, f"3 window counts (one per scale), each from 1 to its scale's feature "
+                    f"side ({', '.join(map(str, sides))} at image_size {self.image_size})", "official: 14, 9, 6")
+        check_field(self, "topk", is_count(self.topk), "at least 1 (one above the candidate windows is clamped)",
+                    "official: 4")
+        check_field(self, "blocks", len(self.blocks) == 3 and all(is_count(n, least=0) for n in self.blocks),
+                    "3 block counts (one per scale), each at least 0", "official: 1, 2, 4")
+        channels = encoder_channels(self.backbone)
+        check_field(self, "num_heads", is_count(self.num_heads) and all(c % self.num_heads == 0 for c in channels),
+                    f"a divisor of every scale's channel count ({', '.join(map(str, channels))} for "
+                    f"{self.backbone})", "official: 8")
+        check_field(self, "mlp_ratio", is_count(self.mlp_ratio), "at least 1", "official: 4")
+        check_field(self, "dropout", 0 <= self.dropout < 1, "in [0, 1)", "official: 0.1")
+        check_field(self, "drop_path", 0 <= self.drop_path < 1, "in [0, 1)", "official: 0.1")
+        check_field(self, "loss_weight", self.loss_weight > 0, "positive", "official: 5")
+        check_field(self, "blur_sigma", self.blur_sigma > 0, "positive", "official: 4")
+        check_field(self, "mvas", isinstance(self.mvas, bool), "true or false", "the paper: true")
+        check_recipe(self, "official")
+
 
 class MVAD(nn.Module):
     """Frozen encoder -> per-scale MVAS fusion -> OCBE -> de-ResNet decoder (the student)."""
 
     def __init__(self, cfg: MVADConfig):
         super().__init__()
-        if cfg.image_size % 32 or cfg.image_size < 32:
-            raise ValueError(f"--image-size {cfg.image_size}: MVAD needs a multiple of 32 (official: 256)")
-        if not len(cfg.n_win) == len(cfg.blocks) == 3:
-            raise ValueError(f"MVAD needs 3 values for n_win and blocks (one per scale), "
-                             f"got {cfg.n_win}, {cfg.blocks}")
         self.cfg = cfg
         self.encoder = FrozenEncoder(cfg.backbone, cfg.weights)
         channels = self.encoder.channels  # (64, 128, 256) for ResNet18/34

@@ -8,7 +8,7 @@ learning-rate rule, AdamW) and `train.train_step` (loss, backward, gradient clip
 pieces train.py's loop is made of. Data: one batch of the synthetic zipper
 train split (40 samples; IDIF's with pseudo-anomalies), loaded once and reused, so the figures are
 compute only (bench/data.py measures loading). Sizes: 128 px (batch 4) and 256 px (batch 2) on a CPU,
-batch 8 (the papers') on CUDA; --quick: 64 px, batch 2.
+batch 8 (the papers') on CUDA; --quick: 96 px (the smallest side MVAD's official windows fit), batch 2.
 
 1. Throughput: median step time over 10 steps after 2 warm-up steps (--quick: 2 after 1); samples/s;
    seconds per epoch = steps per epoch x step time.
@@ -224,7 +224,7 @@ def benchmark(method: str, image_size: int, batch_size: int, args, steps: int, w
 def main() -> None:
     args = common.parse(common.arguments(__doc__))
     if args.quick:
-        sizes, steps, warmup, profiled, mm_side = ((64, 2),), 2, 1, 1, 2048
+        sizes, steps, warmup, profiled, mm_side = ((96, 2),), 2, 1, 1, 2048
     else:
         sizes = ((128, 8), (256, 8)) if args.device == "cuda" else ((128, 4), (256, 2))
         steps, warmup, profiled, mm_side = 10, 2, 3, 4096

@@ -455,12 +455,14 @@ def test_bad_inputs_and_configs():
         model(torch.randn(1, 1, 3, 64, 64))
     with pytest.raises(ValueError, match=r"got \(2, 3, 64, 64\)"):
         model.anomaly_map(torch.randn(2, 3, 64, 64))
-    with pytest.raises(ValueError, match="--image-size 100: MVAD needs a multiple of 32"):
+    with pytest.raises(ValueError, match=r"image_size 100 must be a multiple of 32 for MVAD \(--image-size\)"):
         MVAD(tiny_config(image_size=100))
-    with pytest.raises(ValueError, match="3 values for n_win and blocks"):
+    with pytest.raises(ValueError, match=r"n_win \(4, 3\) must be 3 window counts \(one per scale\)"):
         MVAD(tiny_config(n_win=(4, 3)))
-    with pytest.raises(ValueError, match="--backbone 'resnet50' is unknown; choose one of: resnet18, resnet34"):
+    with pytest.raises(ValueError, match="backbone 'resnet50' must be one of resnet18, resnet34"):
         MVAD(tiny_config(backbone="resnet50"))
+    with pytest.raises(ValueError, match="--backbone 'resnet50' is unknown; choose one of: resnet18, resnet34"):
+        FrozenEncoder("resnet50")
 
 
 def test_encoder_stays_frozen_and_every_trainable_parameter_gets_a_gradient():

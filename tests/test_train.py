@@ -360,6 +360,8 @@ def run_cli(*args, cwd=ROOT, env=None, timeout=120):
     (["--data-root", "{synthetic}", "--out", "{tmp}/fresh", "--resume"], "--resume: no checkpoint at"),
     (["--method", "mvad", "--set", "wings=2"], "--set wings=2: expected NAME=VALUE"),
     (["--method", "mvad", "--set", "topk=many"], "--set topk=many: 'many' is not a valid int"),
+    (["--method", "mvad", "--data-root", "{synthetic}", "--image-size", "64", "--out", "{tmp}/run",
+      "--set", "n_win=2,2,2", "--set", "topk=0"], "error: topk 0 must be at least 1"),  # MVADConfig's ValueError
     (["--threads", "0"], "--threads 0: must be at least 1"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(args, message, synthetic, tmp_path):
