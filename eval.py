@@ -63,7 +63,7 @@ from metrics import (LEVEL_KEYS, PixelMetrics, average, image_labels, image_scor
                      sample_labels, sample_scores, trapezoid, view_normalised)
 from mvad import read_torch_file
 from runtime import (METHODS, PRECISIONS, accelerate, distributed_context, distributed_run, gather, place,
-                     process_group, resolve_device, setup_process, sharded_loader)
+                     process_group, resolve_device, resolve_precision, setup_process, sharded_loader)
 
 # ----------------------------------------------------------------------------- dropped views and camera statistics
 
@@ -731,7 +731,7 @@ class EvalConfig:
     device: str | None = None  # None: cuda if available, else cpu
     threads: int | None = None  # torch CPU threads; None: torch's default (the cores)
     compile: bool = False  # torch.compile the anomaly-map pass (on a GPU with CUDA graphs)
-    precision: str = "fp32"  # fp32 | bf16: bf16 autocast of the anomaly-map pass
+    precision: str = "auto"  # auto | fp32 | bf16: bf16 autocast of the anomaly-map pass (runtime.resolve_precision)
     drop_views: int = 0  # views removed at random from every sample (IDIF's robustness table); 0 = none
     view_norm: bool = False  # z-score image scores per camera with training-split statistics
     num_figures: int = 4  # test samples drawn with their maps (defective first)
@@ -748,6 +748,9 @@ def main(cfg: EvalConfig) -> dict:
         raise data.UserError(f"--batch-size {cfg.batch_size}, --bins {cfg.bins}, --num-figures "
                              f"{cfg.num_figures}: need at least 1, 2 and 0")
     device = resolve_device(cfg.device)
+    precision, why = resolve_precision(cfg.precision, device)
+    chosen = f"precision {precision}" + (f" ({why})" if cfg.precision == "auto" else "")  # for the title
+    cfg = dataclasses.replace(cfg, precision=precision)
     setup_process(cfg.threads)
     model, checkpoint = prepared_model(cfg, device)
     root, category, test_set = test_split(cfg, checkpoint)
@@ -767,7 +770,7 @@ def main(cfg: EvalConfig) -> dict:
     metrics["predict"] = {c: {**decision, "view_stats": None if view_stats is None else view_stats[c].tolist()}
                           for c, decision in collected["decision"].items()}  # what `eval.py predict` applies
     title = (f"{checkpoint['method']} on {category}: {len(test_set)} test samples, drop_views "
-             f"{cfg.drop_views}, view_norm {cfg.view_norm}")
+             f"{cfg.drop_views}, view_norm {cfg.view_norm}, {chosen}")
     write_reports(out, metrics, collected, category, title, report_notes(cfg, checkpoint, root, metrics, export))
     return metrics
 
@@ -782,7 +785,7 @@ def prepared_model(cfg: EvalConfig, device: torch.device) -> tuple:
     flags ask, the checkpoint dict)."""
     model, checkpoint = load_model(cfg.checkpoint)
     model = place(model, device)
-    if cfg.compile or cfg.precision != "fp32":  # camera_statistics and evaluate call model.anomaly_map
+    if cfg.compile or cfg.precision == "bf16":  # camera_statistics and evaluate call model.anomaly_map
         model.anomaly_map = accelerate(model.anomaly_map, device, cfg.compile, cfg.precision)
     return model, checkpoint
 
@@ -839,7 +842,8 @@ def run_settings(cfg: EvalConfig, checkpoint: dict, root: Path, test_set, collec
             "samples": len(test_set), "views": test_set[0]["images"].shape[0], "drop_views": cfg.drop_views,
             "view_norm": cfg.view_norm,
             "positive_samples": positive_samples(collected), "images": sum(len(c["image"][0]) for c in levels.values()),
-            "seed": cfg.seed, "pixel_bins": cfg.bins, "device": str(device), "world_size": process_group()[1]}
+            "seed": cfg.seed, "pixel_bins": cfg.bins, "device": str(device), "world_size": process_group()[1],
+            "precision": cfg.precision}
 
 
 def positive_samples(collected: dict) -> int:
@@ -888,7 +892,9 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--device", default=d.device, help="None = cuda if available, else cpu")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: torch's, the cores)")
     p.add_argument("--compile", action="store_true", help="torch.compile the anomaly-map pass (CUDA graphs on a GPU)")
-    p.add_argument("--precision", default=d.precision, choices=PRECISIONS, help="bf16: bf16 autocast")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                   help="bf16: bf16 autocast of the anomaly-map pass; auto: bf16 where the device computes it "
+                        "natively")
     p.add_argument("--drop-views", type=int, default=d.drop_views,
                    help="remove K random views from every sample (at least one kept)")
     p.add_argument("--view-norm", action="store_true",

@@ -208,7 +208,8 @@ def rotate_and_project(voxel: torch.Tensor, theta: torch.Tensor, size: tuple[int
 
 def distillation_loss(f_tea: list[torch.Tensor], f_stu: list[torch.Tensor],
                       view_mask: torch.Tensor) -> torch.Tensor:
-    """L_Distill: sum over kept views and scales of the mean over positions of 1 - cos(f_tea, f_stu).
+    """L_Distill: sum over kept views and scales of the mean over positions of 1 - cos(f_tea, f_stu),
+    in float32 (the features may be bf16 under autocast).
 
     Dropped views are replaced by zeros with torch.where (not multiplied by 0, which would let a
     NaN through).
@@ -221,7 +222,7 @@ def distillation_loss(f_tea: list[torch.Tensor], f_stu: list[torch.Tensor],
     """
     total = 0.0
     for tea, stu in zip(f_tea, f_stu):
-        distance = 1 - F.cosine_similarity(tea, stu, dim=2)  # (B, V, h_s, w_s)
+        distance = 1 - F.cosine_similarity(tea.float(), stu.float(), dim=2)  # (B, V, h_s, w_s)
         total = total + distance.mean(dim=(2, 3)).where(view_mask, 0.0).sum(dim=1)  # (B,)
     return total.mean()
 
@@ -293,16 +294,16 @@ class ConsistencyBottleneck(nn.Module):
     def ib_loss(self, f_E: torch.Tensor, view_mask: torch.Tensor,
                 latent: Latent) -> tuple[torch.Tensor, torch.Tensor]:
         """L_IB = -log q(f_E | f_c) with q(f_E^(v) | f_c) = N(f_c, I): the mean squared distance of
-        f_c to each kept view's (detached) f_E, + kl_weight * KL(N(mu, Sigma^2) || N(0, 1)).
+        f_c to each kept view's (detached) f_E, + kl_weight * KL(N(mu, Sigma^2) || N(0, 1)), in float32.
 
         Args:
             f_E: (B, V, C, h, w); view_mask: (B, V) bool; latent: the Latent from forward.
         Returns:
             L_IB, a scalar averaged over kept views and samples, and the KL inside it (scalar, for the log).
         """
-        error = (f_E.detach() - latent.f_c[:, None]).pow(2).mean(dim=(2, 3, 4))  # (B, V)
+        error = (f_E.detach().float() - latent.f_c[:, None].float()).pow(2).mean(dim=(2, 3, 4))  # (B, V)
         reconstruction = masked_view_mean(error, view_mask).mean()
-        kl = kl_divergence(latent.mu, latent.log_var)
+        kl = kl_divergence(latent.mu.float(), latent.log_var.float())
         return reconstruction + self.kl_weight * kl, kl
 
 
@@ -591,7 +592,7 @@ class IDIF(nn.Module):
         ib, kl = self.bottleneck.ib_loss(f_E, view_mask, latent)
         loss = self.cfg.alpha * distill + self.cfg.beta * ib  # L = alpha L_Distill + beta L_IB
         return {"loss": loss, "distill": distill.detach(), "ib": ib.detach(), "kl": kl.detach(),
-                "sigma": (0.5 * latent.log_var).exp().mean().detach()}
+                "sigma": (0.5 * latent.log_var.float()).exp().mean().detach()}
 
     def forward(self, images: torch.Tensor, corrupted: torch.Tensor,
                 view_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

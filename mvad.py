@@ -208,7 +208,10 @@ def windowed_attention(q: torch.Tensor, kv: torch.Tensor, scale: float,
     (N*Q, m, T, k*T). Returns (N*Q, m, T, d). PyTorch's fused kernel without gradients and on a GPU
     (not measured there); on a CPU with gradients the formula, since the fused backward is slow for
     MVAS's 8-channel heads (forward + backward of MVAS at 128 px input, scale 0, freed memory reused
-    as train.py runs, 2-core AMD EPYC: 135 ms fused, 74 ms by the formula).
+    as train.py runs, 2-core AMD EPYC: 135 ms fused, 74 ms by the formula). Not by window size:
+    bench/attention.py table 0c times both at every MVAD scale from 96 to 256 px input, and on a
+    2-core AMD EPYC with AVX-512 the formula was the faster at each (the fused kernel 1.05x to 3.8x
+    slower, 1.8x at the official scale 0), so there was no size to switch at.
     """
     any_valid = None if mask is None else mask.any(dim=-1, keepdim=True)  # (..., 1) a key left?
     if mask is not None:
@@ -447,7 +450,9 @@ def _reflect_index(n: int, radius: int, device) -> torch.Tensor:
 
 def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     """Separable Gaussian smoothing with scipy.ndimage.gaussian_filter's defaults (kernel truncated
-    at 4 sigma, 'reflect' borders), as the official code applies to each map.
+    at 4 sigma, 'reflect' borders), as the official code applies to each map. In the maps' own
+    dtype even under bf16 autocast, which would round the scores to 3 significant digits and tie
+    the pixels that the metrics rank.
 
     Args:
         maps: (..., H, W).
@@ -461,16 +466,18 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = (kernel / kernel.sum()).to(device=maps.device, dtype=maps.dtype)
     out = maps.reshape(-1, 1, H, W)  # (N, 1, H, W)
-    out = out[:, :, _reflect_index(H, radius, maps.device), :]  # (N, 1, H + 2r, W)
-    out = F.conv2d(out, kernel.view(1, 1, -1, 1))  # (N, 1, H, W)
-    out = out[:, :, :, _reflect_index(W, radius, maps.device)]  # (N, 1, H, W + 2r)
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1))  # (N, 1, H, W)
+    with torch.autocast("cuda" if maps.is_cuda else "cpu", enabled=False):  # (meta tensors: no autocast)
+        out = out[:, :, _reflect_index(H, radius, maps.device), :]  # (N, 1, H + 2r, W)
+        out = F.conv2d(out, kernel.view(1, 1, -1, 1))  # (N, 1, H, W)
+        out = out[:, :, :, _reflect_index(W, radius, maps.device)]  # (N, 1, H, W + 2r)
+        out = F.conv2d(out, kernel.view(1, 1, 1, -1))  # (N, 1, H, W)
     return out.reshape(*lead, H, W)
 
 
 def reconstruction_loss(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> torch.Tensor:
-    """Multi-scale MSE: sum over scales of mean((teacher - student)^2). Lists of S (N, C, h, w)."""
-    return sum(F.mse_loss(s, t) for t, s in zip(teacher, student))
+    """Multi-scale MSE: sum over scales of mean((teacher - student)^2), in float32 (the features may
+    be bf16 under autocast). Lists of S (N, C, h, w) -> scalar."""
+    return sum(F.mse_loss(s.float(), t.float()) for t, s in zip(teacher, student))
 
 
 # ----------------------------------------------------------------------------- frozen encoder

@@ -5,7 +5,8 @@ with which share of the samples.
 
     device     --device, else cuda when there is one, else cpu (`resolve_device`)
     threads    --threads, else torch's default (the cores; $OMP_NUM_THREADS under torchrun)
-    precision  --precision fp32 | bf16: bf16 autocast of the forward passes (`autocast`)
+    precision  --precision auto | fp32 | bf16: bf16 autocast of the forward passes (`autocast`) where
+               the device computes bf16 natively, or forced (`resolve_precision`)
     processes  torchrun's RANK / WORLD_SIZE / LOCAL_RANK: one process group (nccl on GPUs, gloo on
                CPUs) around the run (`distributed_run`); each process evaluates every world-th
                sample (`shard`) and rank 0 gathers the results (`gather`)
@@ -15,6 +16,7 @@ Nothing here knows a metric or a training loss; the model files and data.py are 
 import contextlib
 import ctypes
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -85,11 +87,63 @@ def place(model: torch.nn.Module, device) -> torch.nn.Module:
 # ----------------------------------------------------------------------------- precision and compilation
 
 
-PRECISIONS = ("fp32", "bf16")  # --precision: float32, or bf16 autocast of the forward passes
+PRECISIONS = ("auto", "fp32", "bf16")  # --precision: auto (resolve_precision), float32, or bf16 autocast
+# The CPU instruction sets that compute bf16 products in hardware (the names of torch.cpu.get_capabilities()
+# and of /proc/cpuinfo): Intel's AMX tiles (Xeon from Sapphire Rapids on) and AVX-512's bf16 dot products
+# (Xeon Cooper Lake; AMD from Zen 4 on). Without them PyTorch emulates bf16 with float32 arithmetic and casts.
+BF16_INSTRUCTIONS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_bf16_instructions() -> list[str]:
+    """Which of BF16_INSTRUCTIONS this CPU has, as torch.cpu.get_capabilities() reports them (cpuinfo,
+    PyTorch's CPU feature detection; torch 2.14 has it), else as /proc/cpuinfo's flags (Linux)."""
+    if hasattr(torch.cpu, "get_capabilities"):
+        capabilities = torch.cpu.get_capabilities()
+        return [name for name in BF16_INSTRUCTIONS if capabilities.get(name)]
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: no flags to read, no bf16 claimed
+        return []
+    return [name for name in BF16_INSTRUCTIONS if name in flags]
+
+
+def cuda_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 natively: torch.cuda.is_bf16_supported(including_emulation=False),
+    compute capability 8.0 on (Ampere, Hopper; before it bf16 is emulated), or any ROCm GPU."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument (before 2.4): the capability itself
+        return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def resolve_precision(flag: str, device) -> tuple[str, str]:
+    """The precision a run uses for --precision `flag` on `device` ("fp32" or "bf16") and why, for the
+    start-up line. "auto": bf16 autocast where the device computes bf16 natively (a CUDA GPU with
+    cuda_bf16, a CPU with one of BF16_INSTRUCTIONS), float32 elsewhere: where bf16 is emulated it is
+    slower than float32 (a training step about 15x on a 2-core AMD EPYC with AVX2 only), where it
+    is native faster (0.62x to 0.69x on a 2-core AMD EPYC with AVX512-BF16; README, Performance).
+    An ARM CPU's bf16 instructions are not counted: not measured. "fp32" and "bf16" force either."""
+    if flag != "auto":
+        return flag, f"--precision {flag}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return ("bf16", "auto: the GPU computes bf16") if cuda_bf16(device) else ("fp32", "auto: the GPU emulates bf16")
+    found = cpu_bf16_instructions()
+    if found:
+        return "bf16", f"auto: the CPU has {' and '.join(name.upper() for name in found)}"
+    return "fp32", f"auto: no bf16 instructions on this CPU ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def autocast(device, precision: str):
-    """The forward passes' autocast context: bf16 for --precision bf16, a no-op for fp32."""
+    """The forward passes' autocast context: bf16 for precision "bf16", a no-op for "fp32".
+
+    In bf16: the convolutions, matrix products and attention of the models (autocast's lower-precision
+    ops) in the training steps and in the evaluation's anomaly-map pass, and their backward.
+    In float32: the weights, gradients and optimizer state (autocast casts copies); the losses and
+    their reductions (the model files cast the features first); the anomaly maps from the feature
+    distances on (cosine distance, upsampling, mvad.gaussian_blur; PatchCore's patch features and
+    distances); the BatchNorm calibration of random-init encoders and PatchCore's memory bank (outside
+    autocast); the metrics (metrics.py, float64 on the CPU)."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 

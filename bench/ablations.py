@@ -106,9 +106,11 @@ def check_variants(names: list[str]) -> None:
 
 
 def base_config(args, method: str = "mvad", **changes) -> train.TrainConfig:
-    """train.py's config of one run: the profile, --quick's sizes, --epochs, --data-root, --device."""
+    """train.py's config of one run: the profile, --quick's sizes, --epochs, --data-root, --device; in
+    float32 on every machine (train.py's auto would choose bf16 on some): the variants compare at one
+    precision, and the committed tables were made in float32."""
     quick = {**QUICK, "model": dict(QUICK_MODEL[method])} if args.quick else {}
-    cfg = train.TrainConfig(method=method, data_root=args.data_root, device=args.device, **quick)
+    cfg = train.TrainConfig(method=method, data_root=args.data_root, device=args.device, precision="fp32", **quick)
     if args.epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=args.epochs)
     if cfg.image_size is None:  # one size for every method, as the tables compare them (train.py's CPU
@@ -179,7 +181,7 @@ def one_run(args, settings: dict, variant: str, category: str, seed: int) -> dic
         train.main(dataclasses.replace(cfg, resume=resumed))
         trained = time.perf_counter()
         metrics = evaluation.main(evaluation.EvalConfig(checkpoint=str(folder / "last.pt"), device=settings["device"],
-                                                        view_norm=settings["view_norm"],
+                                                        view_norm=settings["view_norm"], precision=cfg.precision,
                                                         num_figures=0 if args.quick else 4))
     model, _ = evaluation.load_model(str(folder / "last.pt"))
     return {"variant": variant, "method": method, "fields": fields, "category": category, "seed": seed,

@@ -44,9 +44,14 @@ def tiny(method: str, synthetic: Path, out: Path, **changes) -> train.TrainConfi
     return dataclasses.replace(cfg, **changes)
 
 
-@pytest.mark.parametrize("method", ["mvad", "idif"])
-def test_tiny_run_trains_checkpoints_and_evaluates(method, synthetic, tmp_path):
+@pytest.mark.parametrize("method, cpu, precision", [("mvad", {"avx2": True}, "fp32"),
+                                                    ("idif", {"amx_bf16": True}, "bf16")])
+def test_tiny_run_trains_checkpoints_and_evaluates(method, cpu, precision, synthetic, tmp_path, monkeypatch, capsys):
+    """Also --precision auto on a CPU without and with bf16 instructions (mocked): the start-up line
+    names the choice, history.json and metrics.json record it."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: cpu)
     metrics = train.main(tiny(method, synthetic, tmp_path))
+    assert f"precision {precision} (auto: " in capsys.readouterr().out.splitlines()[0]
     for level, keys in (("sample", ("auroc", "ap", "f1_max")), ("image", ("auroc", "ap", "f1_max")),
                         ("pixel", ("auroc", "ap", "f1_max", "aupro"))):
         for key in keys:
@@ -58,6 +63,7 @@ def test_tiny_run_trains_checkpoints_and_evaluates(method, synthetic, tmp_path):
     assert set(json.loads((tmp_path / "metrics.json").read_text())) >= {"sample", "image", "pixel"}
     history = json.loads((tmp_path / "history.json").read_text())
     assert len(history) == 1 and history[0]["loss"] > 0
+    assert history[0]["precision"] == metrics["settings"]["precision"] == precision
     parts = {"distill", "ib", "kl", "sigma"} if method == "idif" else set()  # IDIF logs its loss parts
     assert parts <= set(history[0]) and all(history[0][p] > 0 for p in parts)
     assert (tmp_path / "roc.png").is_file() and list(tmp_path.glob("example_*.png"))
