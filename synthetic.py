@@ -996,6 +996,20 @@ def synthesize(out, category, n_train=40, n_test_normal=30, n_test_defect=30, re
     if resolution < 32:
         raise UserError(f"resolution must be >= 32 pixels, not {resolution}")
     out = Path(out)
+    splits, geometry, windows = _render_split(out, category, n_train, n_test_normal, n_test_defect, resolution, seed)
+    order = np.random.default_rng(seed)
+    content = {"meta": {"prefix": f"{category}/", "normal_class": "OK"},
+               **{split: [entries[i] for i in order.permutation(len(entries))]
+                  for split, entries in splits.items()}}
+    (out / "realiad_jsons").mkdir(parents=True, exist_ok=True)
+    (out / "realiad_jsons" / f"{category}.json").write_text(json.dumps(content, indent=1))
+    _write_geometry(out, category, geometry, windows)
+    return out
+
+
+def _render_split(out, category, n_train, n_test_normal, n_test_defect, resolution, seed):
+    """Renders and writes every sample of a split (`synthesize`). Returns: the JSON entries per split,
+    {sample key: `sample_geometry`}, the cameras' windows (V, 3)."""
     base = consistency_base(category)
     maps = object_maps(base or category, resolution)
     looks = None if base is None else (maps, object_maps(base, resolution, recoloured=True))
@@ -1017,14 +1031,7 @@ def synthesize(out, category, n_train=40, n_test_normal=30, n_test_defect=30, re
             geometry[key] = sample_geometry(hit, windows)
     finally:
         torch.set_num_threads(threads)
-    order = np.random.default_rng(seed)
-    content = {"meta": {"prefix": f"{category}/", "normal_class": "OK"},
-               **{split: [entries[i] for i in order.permutation(len(entries))]
-                  for split, entries in splits.items()}}
-    (out / "realiad_jsons").mkdir(parents=True, exist_ok=True)
-    (out / "realiad_jsons" / f"{category}.json").write_text(json.dumps(content, indent=1))
-    _write_geometry(out, category, geometry, windows)
-    return out
+    return splits, geometry, windows
 
 
 def visibility_stats(root, category):
