@@ -78,9 +78,12 @@ import synthetic
 from idif import IDIF, IDIFConfig
 from mvad import MVAD, MVADConfig, read_torch_file
 from patchcore import PatchCore, PatchCoreConfig
+from simplenet import SimpleNet, SimpleNetConfig
+from uniad import UniAD, UniADConfig
 
 # name -> (config dataclass, model): every model has anomaly_map(images, view_mask) -> (B, V, H, W)
-METHODS = {"mvad": (MVADConfig, MVAD), "idif": (IDIFConfig, IDIF), "patchcore": (PatchCoreConfig, PatchCore)}
+METHODS = {"mvad": (MVADConfig, MVAD), "idif": (IDIFConfig, IDIF), "patchcore": (PatchCoreConfig, PatchCore),
+           "uniad": (UniADConfig, UniAD), "simplenet": (SimpleNetConfig, SimpleNet)}
 LEVEL_KEYS = {"sample": ("auroc", "ap", "f1_max"), "image": ("auroc", "ap", "f1_max"),
               "pixel": ("auroc", "ap", "f1_max", "aupro", "f1_max_ader")}
 # The official code's pixel F1-max thresholds on min-max normalised maps: 0, 0.05, ..., 1

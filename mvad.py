@@ -438,9 +438,9 @@ def read_torch_file(path, what: str, kind: str, fix: str = "", error: type = Val
         raise error(f"{what}: not a readable {kind} ({type(e).__name__})" + (f"; {fix}" if fix else "")) from None
 
 
-def imagenet_file(arch: str) -> Path:
-    """Where torchvision looks for the ImageNet file: <torch hub dir>/checkpoints/<file>."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(ENCODERS[arch][1].url).name
+def imagenet_file(weights: torchvision.models.WeightsEnum) -> Path:
+    """Where torchvision looks for an ImageNet file: <torch hub dir>/checkpoints/<file>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 
 class FrozenEncoder(nn.Module):
@@ -449,16 +449,21 @@ class FrozenEncoder(nn.Module):
     weights: "imagenet" (torchvision's weights API: the torch hub cache, downloaded when online;
     fails with a ValueError naming the file and folder when neither works), "auto" (ImageNet when
     available, else a random-init encoder, said in one line), "none" (random init) or a path to a
-    torchvision/timm ResNet state dict. A random-init encoder has `needs_calibration` True until
-    `calibrate` has re-estimated its BatchNorm statistics; the flag is a buffer, so checkpoints
-    carry it together with the statistics.
+    torchvision/timm state dict of the network. A random-init encoder has `needs_calibration` True
+    until `calibrate` has re-estimated its BatchNorm statistics; the flag is a buffer, so checkpoints
+    carry it together with the statistics. The network-specific part is `networks`, `unused`,
+    `take_stages` and `forward`: uniad.FrozenEfficientNet replaces them for EfficientNet-B4 and keeps
+    the rest (weights, calibration, always eval).
     """
+
+    networks = ENCODERS  # the networks that take_stages cuts, by name
+    unused = ("layer4.", "fc.")  # the layers left out, which a weights file need not hold
 
     def __init__(self, arch: str = "resnet34", weights: str = "auto"):
         super().__init__()
-        if arch not in ENCODERS:
-            raise ValueError(f"--backbone {arch!r} is unknown; choose one of: {', '.join(ENCODERS)}")
-        build, _ = ENCODERS[arch]
+        if arch not in self.networks:
+            raise ValueError(f"--backbone {arch!r} is unknown; choose one of: {', '.join(self.networks)}")
+        build, _ = self.networks[arch]
         net = build(weights=None)
         state = self._read_weights(arch, weights)
         if state is not None:
@@ -467,31 +472,35 @@ class FrozenEncoder(nn.Module):
             except RuntimeError:  # wrong tensor shapes
                 raise ValueError(f"--weights {weights}: the tensors do not fit a {arch} (another "
                                  f"architecture's file?); give a torchvision/timm {arch} state dict")
-            missing = [k for k in missing if not k.startswith(("layer4.", "fc."))]
+            missing = [k for k in missing if not k.startswith(self.unused)]
             if missing or unexpected:
                 raise ValueError(f"--weights {weights}: not a {arch} state dict (missing {missing[:3]}, "
                                  f"unexpected {unexpected[:3]}); give a torchvision/timm {arch} file")
-        self.conv1, self.bn1, self.layer1, self.layer2, self.layer3 = \
-            net.conv1, net.bn1, net.layer1, net.layer2, net.layer3
-        expansion = 4 if isinstance(self.layer1[0], Bottleneck) else 1
-        self.channels = (64 * expansion, 128 * expansion, 256 * expansion)  # stages 1-3
+        self.take_stages(net)
         self.register_buffer("bn_ready", torch.tensor(state is not None))
         self.requires_grad_(False)
         self.train(False)
 
-    @staticmethod
-    def _read_weights(arch: str, weights: str) -> dict | None:
+    def take_stages(self, net: nn.Module) -> None:
+        """Keeps the ResNet's stem and stages 1-3 (layer4 and fc are left out) and their widths."""
+        self.conv1, self.bn1, self.layer1, self.layer2, self.layer3 = \
+            net.conv1, net.bn1, net.layer1, net.layer2, net.layer3
+        expansion = 4 if isinstance(self.layer1[0], Bottleneck) else 1
+        self.channels = (64 * expansion, 128 * expansion, 256 * expansion)  # stages 1-3
+
+    def _read_weights(self, arch: str, weights: str) -> dict | None:
         """The state dict to load, or None for random init (after saying why, for "auto")."""
         if weights == "none":
             return None
         if weights in ("auto", "imagenet"):
-            file = imagenet_file(arch)
+            imagenet = self.networks[arch][1]
+            file = imagenet_file(imagenet)
             try:  # reads the hub cache, else downloads (offline: URLError)
-                return ENCODERS[arch][1].get_state_dict(progress=False)
+                return imagenet.get_state_dict(progress=False)
             except Exception as e:  # torch raises many different types for a failed download or read
                 if file.is_file():
                     raise ValueError(f"{file}: cannot be read ({type(e).__name__}); delete or replace it")
-                where = f"{file.name} into {file.parent} (from {ENCODERS[arch][1].url})"
+                where = f"{file.name} into {file.parent} (from {imagenet.url})"
                 if weights == "imagenet":
                     raise ValueError(f"--weights imagenet: the ImageNet {arch} file is missing and cannot "
                                      f"be downloaded ({type(e).__name__}); put {where}, or use --weights auto")
@@ -529,7 +538,7 @@ class FrozenEncoder(nn.Module):
             bn.training = True
         seen = 0
         for x in batches:
-            self(x.to(self.conv1.weight.device))
+            self(x.to(self.bn_ready.device))
             seen += 1
         for bn in norms:
             bn.momentum = 0.1  # torchvision's default
@@ -734,6 +743,19 @@ class Decoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- config and model
+
+
+def check_field(cfg, name: str, ok: bool, allowed: str, paper: str) -> None:
+    """One step of a config's check (its `__post_init__` checks the fields one by one, in order, so
+    that a test may use fields checked before it): unless ok, a one-line ValueError naming the field,
+    its value, what it allows and the paper's or official value."""
+    if not ok:
+        raise ValueError(f"{name} {getattr(cfg, name)!r} must be {allowed}; {paper}")
+
+
+def is_count(value, least: int = 1) -> bool:
+    """Whether value is a whole number (not a bool) of at least `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 @dataclass

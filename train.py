@@ -187,7 +187,11 @@ def training_free(method: str) -> bool:
 
 
 def build_optimizer(model: torch.nn.Module, model_cfg, lr: float) -> torch.optim.AdamW:
-    """AdamW with the config's weight decay on weight matrices and kernels only, not on biases and norms."""
+    """AdamW with the config's weight decay on weight matrices and kernels only, not on biases and norms;
+    a model whose parts train at their own rates and decays names its groups itself (SimpleNet's
+    `parameter_groups(lr)`: the adaptor and the discriminator, as its official two optimisers)."""
+    if hasattr(model, "parameter_groups"):
+        return torch.optim.AdamW(model.parameter_groups(lr), lr=lr, betas=(0.9, 0.999))
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": model_cfg.weight_decay},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
@@ -314,12 +318,13 @@ def data_parallel(model: torch.nn.Module, device: torch.device, world: int, log)
 
 
 def training_loss(model, batch: dict, method: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """One batch's {"loss": scalar loss} and, for IDIF, the parts its forward reports (detached);
-    IDIF's student also sees the pseudo-anomalous views."""
+    """One batch's {"loss": scalar loss} and the parts that a forward returning a dict reports (IDIF:
+    L_Distill, L_IB, ...; SimpleNet: p_true, p_fake); IDIF's student also sees the pseudo-anomalous views."""
     images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, H, W)
     if method == "idif":
         return model(images, batch["corrupted"].to(device, non_blocking=True))
-    return {"loss": model(images)}
+    out = model(images)
+    return out if isinstance(out, dict) else {"loss": out}
 
 
 # ----------------------------------------------------------------------------- the run
