@@ -24,7 +24,8 @@ to log.txt in its folder.
 
 Variants: the "RD" column of the papers' tables (MVAD without MVAS) and IDIF's ablation rows (per-view
 ensemble: no consistency bottleneck and no fusion; +IVC: no bottleneck; full IDIF) are switches of the
-methods' configs (`mvas`, `bottleneck`, `fusion`, `view_dropout`).
+methods' configs (`mvas`, `bottleneck`, `fusion`, `view_dropout`); UniAD and SimpleNet are the deck's two
+comparators (uniad.py, simplenet.py).
 --quick: 64 px, 1 epoch, a tiny synthetic split (4 training samples, 2 + 2 test), tiny models, 1 draw.
 """
 import contextlib
@@ -53,12 +54,17 @@ VARIANTS = {
     "idif": ("IDIF (+IVC +CB)", "idif", {}),
     "idif-no-dropout": ("IDIF without view dropout", "idif", {"view_dropout": 0.0}),
     "patchcore": ("PatchCore", "patchcore", {}),
+    "uniad": ("UniAD", "uniad", {}),
+    "simplenet": ("SimpleNet", "simplenet", {}),
 }
 FIRST_SEED = 42  # train.py's default
 QUICK = dict(image_size=64, batch_size=2, epochs=1, synthetic_train=4, synthetic_test=2, weights="none")
 QUICK_MODEL = {"mvad": {"backbone": "resnet18", "n_win": (2, 2, 2), "blocks": (1, 1, 1)},
                "idif": {"voxel_size": (2, 4, 4), "fusion_blocks": 1},
-               "patchcore": {"backbone": "resnet18", "width": 64}}
+               "patchcore": {"backbone": "resnet18", "width": 64},
+               "uniad": {"hidden_dim": 32, "num_heads": 4, "encoder_layers": 1, "decoder_layers": 1, "ffn_dim": 64,
+                         "neighbor_size": 3},
+               "simplenet": {"backbone": "resnet18", "width": 64, "hidden": 32}}
 METRICS = {"sample_auroc": ("sample", "auroc"), "sample_ap": ("sample", "ap"), "image_auroc": ("image", "auroc"),
            "pixel_auroc": ("pixel", "auroc"), "pixel_aupro": ("pixel", "aupro")}
 
