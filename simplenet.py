@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from mvad import ENCODERS, FrozenEncoder, check_field, is_count
+from mvad import ENCODERS, FrozenEncoder, TrainingRecipe, check_field, check_recipe, is_count
 from patchcore import patch_features, score_map
 
 # ----------------------------------------------------------------------------- the loss, a pure function
@@ -74,7 +74,7 @@ def truncated_l1_loss(normal: torch.Tensor, anomalous: torch.Tensor, margin: flo
 
 
 @dataclass
-class SimpleNetConfig:
+class SimpleNetConfig(TrainingRecipe):
     backbone: str = "wide_resnet50_2"  # frozen encoder, stages 2 and 3; official: wideresnet50 (run.sh -b, -le)
     weights: str = "auto"  # encoder weights: auto | imagenet | none | PATH (mvad.FrozenEncoder); official: ImageNet
     image_size: int = 288  # input side H = W, a multiple of 16; official: 329 resized, 288 cropped (ADer: 256)
@@ -84,7 +84,8 @@ class SimpleNetConfig:
     noise_std: float = 0.015  # sigma of the Gaussian noise that makes anomalous features; official: 0.015 (--noise_std)
     margin: float = 0.5  # th of the truncated L1 loss; official: 0.5 (--dsc_margin)
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly maps in pixels; official: 4 (common.RescaleSegmentor)
-    # the optimiser (train.py): AdamW, betas (0.9, 0.999), the two parts at their own rates (`parameter_groups`)
+    # the optimiser (TrainingRecipe's fields and two more): AdamW, betas (0.9, 0.999), the two parts at their
+    # own rates (`parameter_groups`)
     base_lr: float = 4e-4  # the discriminator's rate per 16 images: lr = base_lr * images / 16; official: 2e-4 per 8
     adaptor_lr_scale: float = 0.5  # the adaptor's rate / the discriminator's; official: 1e-4 (0.1 x lr 1e-3) / 2e-4
     weight_decay: float = 1e-5  # the discriminator's weight decay, every parameter; official: 1e-5 (Adam, L2)
@@ -107,14 +108,10 @@ class SimpleNetConfig:
         check_field(self, "noise_std", self.noise_std > 0, "positive", "official: 0.015")
         check_field(self, "margin", self.margin >= 0, "at least 0", "official: 0.5")
         check_field(self, "blur_sigma", self.blur_sigma > 0, "positive", "official: 4")
-        check_field(self, "base_lr", self.base_lr > 0, "positive", "official: 4e-4 per 16 images")
+        check_recipe(self, "official", ("4e-4 per 16 images (2e-4 per 8)", "1e-5", "none (inf)", "1 (constant)"))
         check_field(self, "adaptor_lr_scale", self.adaptor_lr_scale > 0, "positive", "official: 0.5")
-        check_field(self, "weight_decay", self.weight_decay >= 0, "at least 0 (0: no decay)", "official: 1e-5")
         check_field(self, "adaptor_weight_decay", self.adaptor_weight_decay >= 0, "at least 0 (0: no decay)",
                     "official: 0.01")
-        check_field(self, "clip", self.clip > 0, "positive (inf: no clipping)", "official: none")
-        check_field(self, "lr_decay_at", 0 < self.lr_decay_at <= 1, "in (0, 1] (1: not before the last epoch)",
-                    "official: 1, a constant rate")
 
 
 class SimpleNet(nn.Module):
@@ -147,7 +144,7 @@ class SimpleNet(nn.Module):
         # STEP 3 (Anomalous Feature Generator): i.i.d. Gaussian noise on every channel of every feature
         noisy = q + self.cfg.noise_std * torch.randn_like(q)  # (X, D)
         # STEP 4 (Discriminator): both sets in one batch, as the official code (one BatchNorm over both)
-        normal, anomalous = self.discriminator(torch.cat([q, noisy]))[:, 0].chunk(2)  # (X,), (X,)
+        normal, anomalous = self.discriminator(torch.cat([q, noisy]))[:, 0].float().chunk(2)  # (X,), (X,) float32
         margin = self.cfg.margin
         return {"loss": truncated_l1_loss(normal, anomalous, margin),
                 "p_true": (normal.detach() >= margin).float().mean(),
@@ -174,7 +171,7 @@ class SimpleNet(nn.Module):
         q = self.adapted(images)  # (N, h, w, D)
         N, h, w, D = q.shape
         # STEP 5 (the paper's inference): the anomaly score of a patch is -D(q), upsampled and smoothed
-        scores = -self.discriminator(q.reshape(-1, D)).view(N, h, w)  # (N, h, w)
+        scores = -self.discriminator(q.reshape(-1, D)).float().view(N, h, w)  # (N, h, w), float32 under autocast
         maps = score_map(scores, (H, W), self.cfg.blur_sigma).view(B, V, H, W)  # (B, V, H, W)
         if view_mask is not None:
             maps = maps * view_mask[:, :, None, None]

@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from mvad import FrozenEncoder, check_field, gaussian_blur, is_count
+from mvad import FrozenEncoder, TrainingRecipe, check_field, check_recipe, gaussian_blur, is_count
 
 GRID_STRIDE = 16  # the grid every stage is resized to: stride 16 (official: MFCN outstrides [16], config.yaml)
 # torchvision EfficientNet-B4 `features` blocks whose outputs UniAD takes, strides 2, 4, 8, 16 (official:
@@ -141,8 +141,8 @@ class FrozenEfficientNet(FrozenEncoder):
                                     torchvision.models.EfficientNet_B4_Weights.IMAGENET1K_V1)}
     unused = ("features.6.", "features.7.", "features.8.", "classifier.")  # stride 32 and the head
 
-    def take_stages(self, net: nn.Module) -> None:
-        """Keeps `features` up to the last tapped block."""
+    def take_stages(self, net: nn.Module, arch: str) -> None:
+        """Keeps `features` up to the last tapped block (arch: efficientnet_b4, the one network here)."""
         self.features = net.features[:STAGE_TAPS[-1] + 1]
         self.channels = STAGE_CHANNELS
 
@@ -217,7 +217,7 @@ class LayerWiseQueryDecoderLayer(nn.Module):
 
 
 @dataclass
-class UniADConfig:
+class UniADConfig(TrainingRecipe):
     weights: str = "auto"  # EfficientNet-B4's: auto | imagenet | none | PATH (mvad.FrozenEncoder); official: ImageNet
     image_size: int = 224  # input side H = W, a multiple of 16; official: 224 (input_size; ADer's Real-IAD: 256)
     hidden_dim: int = 256  # D, the transformer's width; official: 256 (config.yaml hidden_dim)
@@ -230,7 +230,7 @@ class UniADConfig:
     jitter_scale: float = 20.0  # alpha: noise std = alpha * ||f|| / C; official: 20 (feature_jitter scale)
     jitter_prob: float = 1.0  # p, probability that a training batch is jittered; official: 1 (feature_jitter prob)
     blur_sigma: float = 4.0  # Gaussian smoothing of the maps in pixels, 0 = none; official: none (module docstring)
-    # the optimiser (train.py): AdamW, betas (0.9, 0.999); official: config.yaml trainer
+    # the optimiser (TrainingRecipe's fields; official: config.yaml trainer, AdamW betas (0.9, 0.999))
     base_lr: float = 2e-4  # rate per 16 images: lr = base_lr * images per step / 16; official: 1e-4 for 8 images
     weight_decay: float = 1e-4  # AdamW weight decay, on weights only (official: on every parameter); official: 1e-4
     clip: float = 0.1  # gradient-norm clip; official: 0.1 (clip_max_norm)
@@ -257,11 +257,7 @@ class UniADConfig:
         check_field(self, "jitter_scale", self.jitter_scale >= 0, "at least 0 (0: no jitter)", "official: 20")
         check_field(self, "jitter_prob", 0 <= self.jitter_prob <= 1, "in [0, 1] (0: no jitter)", "official: 1")
         check_field(self, "blur_sigma", self.blur_sigma >= 0, "at least 0 (0: no smoothing)", "official: none")
-        check_field(self, "base_lr", self.base_lr > 0, "positive", "official: 2e-4 per 16 images")
-        check_field(self, "weight_decay", self.weight_decay >= 0, "at least 0 (0: no decay)", "official: 1e-4")
-        check_field(self, "clip", self.clip > 0, "positive", "official: 0.1")
-        check_field(self, "lr_decay_at", 0 < self.lr_decay_at <= 1, "in (0, 1] (1: not before the last epoch)",
-                    "official: 0.8")
+        check_recipe(self, "official", ("2e-4 per 16 images (1e-4 per 8)", "1e-4", "0.1", "0.8"))
 
 
 class UniAD(nn.Module):
@@ -332,7 +328,7 @@ class UniAD(nn.Module):
         """images: (B, V, 3, H, W) -> scalar training loss: MSE between the reconstruction and the features
         (official FeatureMSELoss, weight 1)."""
         features = self.features(images)  # (N, C, h, w)
-        return F.mse_loss(self.reconstruct(features), features)
+        return F.mse_loss(self.reconstruct(features).float(), features)  # in float32 (bf16 under autocast)
 
     @torch.no_grad()
     def anomaly_map(self, images: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -347,7 +343,7 @@ class UniAD(nn.Module):
         B, V, _, H, W = images.shape
         features = self.features(images)  # (N, C, h, w)
         # STEP 4 (the paper's anomaly localization): the reconstruction error per cell, upsampled
-        maps = reconstruction_error_map(features, self.reconstruct(features), (H, W))  # (N, H, W)
+        maps = reconstruction_error_map(features, self.reconstruct(features).float(), (H, W))  # (N, H, W)
         if self.cfg.blur_sigma > 0:
             maps = gaussian_blur(maps, self.cfg.blur_sigma)
         maps = maps.view(B, V, H, W)  # (B, V, H, W)

@@ -9,7 +9,7 @@ import torch
 from torch.testing import assert_close
 
 import train
-from eval import place
+from runtime import place
 from patchcore import score_map
 from simplenet import SimpleNet, SimpleNetConfig, truncated_l1_loss
 

@@ -8,7 +8,7 @@ import torchvision
 from torch.testing import assert_close
 
 import train
-from eval import place
+from runtime import place
 from uniad import (LayerWiseQueryDecoderLayer, NeighborMaskedEncoderLayer, UniAD, UniADConfig, feature_jitter,
                    neighbor_mask)
 
