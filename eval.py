@@ -709,7 +709,7 @@ def protocol_note(checkpoint: dict, root: Path, view_norm: bool) -> str | None:
         differences.append("view-norm on (papers: off)")
     if checkpoint.get("random_encoder"):
         differences.append("random-init encoder calibrated on the training images (papers: ImageNet)")
-    on_synthetic = synthetic.SYNTHETIC_CACHE in Path(root).resolve().parents
+    on_synthetic = synthetic.SYNTHETIC_CACHE.resolve() in Path(root).resolve().parents  # data/ may be a link
     if on_synthetic:
         differences.append("built-in synthetic data (papers: Real-IAD)")
     if not differences:

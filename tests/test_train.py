@@ -316,6 +316,17 @@ def test_runs_off_the_papers_settings_say_so_in_one_line():
                               "--batch-size 8 --epochs 100 --no-view-norm --weights imagenet")
 
 
+
+def test_the_synthetic_note_holds_when_the_cache_folder_is_a_link(tmp_path, monkeypatch):
+    """data/ as a symbolic link to a disk elsewhere: the root resolves through it, so the cache must too."""
+    import synthetic as synthetic_module
+    (tmp_path / "disk" / "zipper-40-30-30-256px-seed0-v4").mkdir(parents=True)
+    (tmp_path / "data").symlink_to(tmp_path / "disk")
+    monkeypatch.setattr(synthetic_module, "SYNTHETIC_CACHE", tmp_path / "data")
+    papers = {"method": "mvad", "train": {"category": "all", **train.PROFILES["gpu"]}, "epoch": 100}
+    note = train.protocol_note(papers, tmp_path / "data" / "zipper-40-30-30-256px-seed0-v4", False)
+    assert note is not None and "built-in synthetic data (papers: Real-IAD)" in note
+
 def test_set_parses_config_fields():
     cfg = train.parse_args(["--method", "mvad", "--set", "n_win=8,4,2", "--set", "topk=2",
                             "--set", "dropout=0.2"])
