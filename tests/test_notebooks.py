@@ -98,7 +98,8 @@ EXPECTED = {
 # markdown cell and in the text that a code cell printed (whitespace runs read as one space), so that the
 # prose and the outputs cannot drift apart when a notebook is executed again.
 QUOTED = {
-    "01_multiview_data": ["by exactly one view: 10 of 30", "seen by 1 to 4 of the 5 views: 19 of 30"],
+    "01_multiview_data": ["by exactly one view: 10 of 30", "seen by 1 to 4 of the 5 views: 19 of 30",
+                          "largest share of a view's pixels inside a defect mask: 4.9%"],
     "02_mvas": ["12 of 324 candidate windows are ever chosen", "counterparts among them: 0 of 4",
                 "the MVAS blocks: 14% of the parameters, 12% of the MACs at 256 px",
                 "the whole MVAD: 44.8 GMACs per 5-view sample at 256 px", "views ranked by their score: C5, C2"],
