@@ -9,31 +9,20 @@ Prints a table in the papers' format and writes metrics.json, metrics.md and pic
     python eval.py --checkpoint runs/idif_zipper/last.pt --export-adeval runs/idif_zipper/adeval.pkl
     python eval.py predict --run runs/idif_zipper --images my_photos/ --out predictions/
 
-Levels, with the labels of the official MVAD code (lewandofskee/MVAD, data/ad_dataset.py,
-trainer/mvad_trainer.py, util/metric.py): a *sample* is one object seen by V cameras, an *image* is
-one view.
-  image score  = max of the view's smoothed anomaly map      image label  = any pixel of its mask
-  sample score = max over the sample's present views' scores  sample label = any present view whose
-                                                                             JSON class is a defect
-  pixel        = every pixel of every present view, against its mask (binarised > 0, resized
-                 bilinearly, > 0.5: data.load_mask)
-Metrics: AUROC and AP (scikit-learn), F1-max over the exact precision-recall curve, AU-PRO
-(per-region overlap over FPR in [0, 0.3], divided by 0.3); pixel F1-max also as the official code
-computes it (`f1_max_ader`: 21 thresholds on min-max normalised maps, never above the exact one).
-All metrics return NaN when the labels hold only one class (null in metrics.json, "-" in tables).
-
-Memory: maps are never kept. `PixelMetrics` folds each batch into fixed-size histograms, within a
-bound of the exact values that it computes itself ("pixel_error_bound" in metrics.json, 1e-4 or less).
+The levels (sample, image, pixel) and the metrics (AUROC, AP, F1-max, AU-PRO, the official code's
+pixel F1-max) are defined in metrics.py, which computes them. All metrics are NaN when the labels hold
+only one class (null in metrics.json, "-" in tables). Memory: maps are never kept; `PixelMetrics`
+folds each batch into fixed-size histograms ("pixel_error_bound" in metrics.json, 1e-4 or less).
 
 Several processes (torchrun, or train.py's DDP run): each evaluates its shard of the test split
-(`shard`) and rank 0 merges them (`merge_shards`) into exactly what one process computes, and alone reports.
+(runtime.shard) and rank 0 merges them (`merge_shards`) into exactly what one process computes,
+and alone reports.
 
 Real-IAD's own scorer, ADEval (PyPI `adeval`), bins its curves (1,000 strips) and labels samples
 by their masks; `--export-adeval FILE` writes its input for the test split and the command that
 scores it (metrics.md), so both can be put side by side (README, "Comparing with the papers").
 
 Choices where the papers are silent:
-- AU-PRO regions are the 8-connected components of each mask (as the MVTec AD evaluation code).
 - Multi-class runs: every metric is computed per category and the top-level numbers are their
   mean, as the papers' "Average" rows; metrics.json also holds "per_category".
 - `--drop-views K` (the IDIF paper's robustness table): K random views per sample are removed
@@ -49,9 +38,6 @@ pairs, e.g. B*V; one anomaly map each), n items in a list (samples of a split, s
 H x W image, h x w feature map, S scales, m heads, d = C / m channels per head, T tokens per attention
 unit (an MVAS window; an IDIF view). Here n_c: the samples of one category.
 """
-import contextlib
-import copy
-import ctypes
 import dataclasses
 import json
 import math
@@ -69,454 +55,17 @@ import torch
 import torch.distributed as dist
 from matplotlib.figure import Figure  # figures drawn straight to files: no pyplot, no backend state
 from PIL import Image
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import data
 import synthetic
-from idif import IDIF, IDIFConfig
-from mvad import MVAD, MVADConfig, read_torch_file
-from patchcore import PatchCore, PatchCoreConfig
-
-# name -> (config dataclass, model): every model has anomaly_map(images, view_mask) -> (B, V, H, W)
-METHODS = {"mvad": (MVADConfig, MVAD), "idif": (IDIFConfig, IDIF), "patchcore": (PatchCoreConfig, PatchCore)}
-LEVEL_KEYS = {"sample": ("auroc", "ap", "f1_max"), "image": ("auroc", "ap", "f1_max"),
-              "pixel": ("auroc", "ap", "f1_max", "aupro", "f1_max_ader")}
-# The official code's pixel F1-max thresholds on min-max normalised maps: 0, 0.05, ..., 1
-# (lewandofskee/MVAD util/metric.py, "mF1_max_px": np.arange(0.0, 1.0 + 1e-3, 0.05), `norm > s`).
-ADER_THRESHOLDS = np.arange(0.0, 1.0 + 1e-3, 0.05)
-
-# ----------------------------------------------------------------------------- exact metrics
-
-
-def _numpy(x) -> np.ndarray:
-    """A torch tensor (any device) or array-like as a numpy array."""
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def _both_classes(labels: np.ndarray) -> bool:
-    """True when the labels hold normal and anomalous entries; every metric needs both."""
-    return bool(labels.any() and not labels.all())
-
-
-def auroc(scores, labels) -> float:
-    """Area under the ROC curve (scikit-learn; tied scores count one half).
-
-    Args:
-        scores: (n,) anomaly scores, higher = more anomalous.
-        labels: (n,) 1/True = anomalous.
-    Returns:
-        AUROC in [0, 1]; NaN when the labels hold only one class.
-    """
-    scores, labels = _numpy(scores).ravel(), _numpy(labels).ravel() > 0
-    return float(roc_auc_score(labels, scores)) if _both_classes(labels) else math.nan
-
-
-def ap(scores, labels) -> float:
-    """Average precision (scikit-learn): sum over thresholds of (R_n - R_{n-1}) P_n.
-
-    Args:
-        scores: (n,) anomaly scores.
-        labels: (n,) 1/True = anomalous.
-    Returns:
-        AP in [0, 1]; NaN when the labels hold only one class.
-    """
-    scores, labels = _numpy(scores).ravel(), _numpy(labels).ravel() > 0
-    return float(average_precision_score(labels, scores)) if _both_classes(labels) else math.nan
-
-
-def f1_max(scores, labels) -> float:
-    """Largest F1 = 2PR / (P + R) over every threshold of the exact precision-recall curve
-    (each distinct score is a threshold; ADer samples 21 thresholds instead and reports less).
-
-    Args:
-        scores: (n,) anomaly scores.
-        labels: (n,) 1/True = anomalous.
-    Returns:
-        F1-max in [0, 1]; NaN when the labels hold only one class.
-    """
-    curve = _f1_curve(scores, labels)
-    return math.nan if curve is None else float(curve[0].max())
-
-
-def f1_max_threshold(scores, labels) -> float:
-    """The score at which F1 is largest (a score >= it is called anomalous): the decision
-    threshold that `predict` applies. (n,), (n,) -> float; NaN with one class only."""
-    curve = _f1_curve(scores, labels)
-    if curve is None:
-        return math.nan
-    f1, thresholds = curve
-    return float(thresholds[np.argmax(f1[:-1])])  # the last point (recall 0) has no threshold
-
-
-def _f1_curve(scores, labels) -> tuple[np.ndarray, np.ndarray] | None:
-    """(F1 at every point of the exact precision-recall curve, the curve's thresholds); None with one class."""
-    scores, labels = _numpy(scores).ravel(), _numpy(labels).ravel() > 0
-    if not _both_classes(labels):
-        return None
-    precision, recall, thresholds = precision_recall_curve(labels, scores)
-    return 2 * precision * recall / np.maximum(precision + recall, np.finfo(float).tiny), thresholds
-
-
-def connected_components(mask) -> np.ndarray:
-    """Labels the connected regions of binary masks, 8-connectivity (diagonal neighbours touch),
-    as the MVTec AD evaluation code does; regions never cross from one mask to the next.
-
-    Vectorised union-find: every foreground pixel starts as its own root; each round links the
-    larger root of every edge whose ends have different roots to the smaller one, then pointer
-    jumping makes every pixel point at its root. Each round at least halves the number of roots
-    that still have an edge to another root, so n foreground pixels take O(log n) rounds.
-
-    Args:
-        mask: (..., H, W) bool or {0, 1}.
-    Returns:
-        (..., H, W) int64: 0 = background, 1, 2, ... = the regions in raster order over all masks.
-    """
-    mask = _numpy(mask) > 0
-    m = mask.reshape(-1, *mask.shape[-2:])  # (N, H, W)
-    node = np.cumsum(m.ravel()).reshape(m.shape) - 1  # (N, H, W) foreground pixel -> node id
-    parent = _union_find(int(m.sum()), *_foreground_edges(m, node))  # (n,) the root of every node
-    labels = np.zeros(m.size, dtype=np.int64)
-    labels[m.ravel()] = np.unique(parent, return_inverse=True)[1] + 1
-    return labels.reshape(mask.shape)
-
-
-def _foreground_edges(m: np.ndarray, node: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The 8-connectivity edges between foreground pixels of masks m (N, H, W): each pixel with its
-    right, lower, lower-right and lower-left neighbour, as the node ids of both ends, (edges,) each."""
-    neighbour_pairs = [
-        (np.s_[:, :, :-1], np.s_[:, :, 1:]),
-        (np.s_[:, :-1, :], np.s_[:, 1:, :]),
-        (np.s_[:, :-1, :-1], np.s_[:, 1:, 1:]),
-        (np.s_[:, :-1, 1:], np.s_[:, 1:, :-1]),
-    ]
-    a, b = [], []
-    for first, second in neighbour_pairs:
-        both = m[first] & m[second]
-        a.append(node[first][both])
-        b.append(node[second][both])
-    return np.concatenate(a), np.concatenate(b)
-
-
-def _union_find(nodes: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The root (smallest node id of its component) of each of `nodes` nodes joined by the edges (a, b)."""
-    parent = np.arange(nodes)  # parent[i] <= i always, so the links never form a cycle
-    while True:
-        root_a, root_b = parent[a], parent[b]
-        differ = root_a != root_b
-        if not differ.any():
-            return parent
-        np.minimum.at(parent, np.maximum(root_a, root_b)[differ], np.minimum(root_a, root_b)[differ])
-        while True:  # pointer jumping until every node points at a root
-            grandparent = parent[parent]
-            if np.array_equal(grandparent, parent):
-                break
-            parent = grandparent
-
-
-def _descending_cumsum(counts: np.ndarray) -> np.ndarray:
-    """Counts per score bin in ascending score order -> totals at or above each bin, from the top
-    bin down, with a leading 0 (the threshold above every score). (K,) -> (K + 1,)."""
-    return np.concatenate([[0], np.cumsum(counts[::-1])])
-
-
-def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
-    """Trapezoidal area under the polyline (x, y) (np.trapezoid needs numpy >= 2)."""
-    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
-
-
-def _area_up_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
-    """Area under the polyline (x, y) over [0, limit], interpolating y linearly at x = limit.
-
-    Args:
-        x: (K,) non-decreasing, x[0] = 0. y: (K,).
-    """
-    k = int(np.searchsorted(x, limit, side="right"))  # points with x <= limit
-    if k < len(x):
-        t = (limit - x[k - 1]) / (x[k] - x[k - 1])
-        x = np.append(x[:k], limit)
-        y = np.append(y[:k], y[k - 1] + t * (y[k] - y[k - 1]))
-    return _trapezoid(y, x)
-
-
-def _pro_curve(normal: np.ndarray, overlap: np.ndarray, regions: int):
-    """The PRO curve from per-threshold statistics.
-
-    Args:
-        normal: (K,) normal pixels per score bin, ascending score order.
-        overlap: (K,) per bin, the sum over its anomalous pixels of 1 / (size of their region).
-        regions: number of ground-truth regions.
-    Returns:
-        fpr, pro: (K + 1,) each, from the threshold above every score (0, 0) down to the lowest.
-    """
-    fpr = _descending_cumsum(normal) / normal.sum()
-    pro = _descending_cumsum(overlap) / regions
-    return fpr, np.minimum(pro, 1.0)  # float rounding must not lift the end past 1
-
-
-def au_pro(maps, masks, fpr_limit: float = 0.3) -> float:
-    """Area under the per-region-overlap curve, exact (every distinct score is a threshold).
-
-    For a threshold t: FPR(t) = share of all normal pixels (of every map) with score >= t;
-    PRO(t) = mean over all ground-truth regions (8-connected components of each mask) of the
-    share of the region's pixels with score >= t. The curve (FPR, PRO), linear between thresholds,
-    is integrated over FPR in [0, fpr_limit] (interpolated at fpr_limit) and divided by fpr_limit.
-    PRO(t) is a sum over anomalous pixels of 1 / (their region's size * regions), so one weighted
-    count per threshold gives it.
-
-    Args:
-        maps: (N, H, W) anomaly scores.
-        masks: (N, H, W) ground truth, 1/True = anomalous.
-        fpr_limit: upper end of the FPR range, 0.3 as the field reports it.
-    Returns:
-        AU-PRO in [0, 1]; NaN when there is no anomalous region or no normal pixel.
-    """
-    maps, masks = _numpy(maps).astype(np.float64), _numpy(masks) > 0
-    if not _both_classes(masks):
-        return math.nan
-    labels = connected_components(masks)[masks]  # (P,) region of each anomalous pixel
-    values, bin_of = np.unique(maps, return_inverse=True)  # every distinct score is a threshold
-    bin_of = bin_of.reshape(maps.shape)
-    sizes = np.bincount(labels)
-    normal = np.bincount(bin_of[~masks], minlength=len(values))
-    overlap = np.bincount(bin_of[masks], weights=1.0 / sizes[labels], minlength=len(values))
-    fpr, pro = _pro_curve(normal, overlap, len(sizes) - 1)
-    return _area_up_to(fpr, pro, fpr_limit) / fpr_limit
-
-
-# ----------------------------------------------------------------------------- streaming pixel metrics
-
-
-class PixelMetrics:
-    """Pixel AUROC, AP, F1-max and AU-PRO (and the official code's F1-max, `f1_max_ader`) over any
-    number of maps in constant memory.
-
-    State: three histograms over one grid of score bins: normal pixels, anomalous pixels, and
-    per bin the sum over anomalous pixels of 1 / (size of their region) (the per-region overlap
-    statistics: the sum of every region's normalised histogram, which is all that the PRO curve
-    needs), the number of regions, and each bin's smallest and largest score (for the error
-    bound). Memory: 5 x bins x 8 bytes (2.6 MB at 2^16 bins).
-
-    The grid: bin k holds scores in [(offset + k) 2^e, (offset + k + 1) 2^e). The first update
-    chooses the finest e at which its [min, max] fits into the bins; a later update with scores
-    outside grows e and/or moves the offset, and merges the counts into the new bins. Bin edges
-    are powers of two, so the new grid's edges are old edges and the merge is exact: the histograms
-    always equal those of one pass over all the scores on the finest power-of-two grid that holds
-    their whole range, whose bin width is below 2 (max - min) / (bins - 1). (Bin widths never go
-    below max|score| * 2^-52, which keeps bin indices exact integers in float64.) For the same
-    reason `merge` adds another accumulator's counts exactly: the processes of a distributed
-    evaluation each fill one with their share of the maps, and rank 0 merges them.
-
-    The error bound (`error_bound()`): every histogram threshold (a bin's lower edge) is a point
-    of the exact curve. Between two consecutive ones the exact curve is monotone, so it stays in
-    the box that they span. Hence AUROC and AU-PRO differ from the exact values by at most the
-    sum of the box areas (halved for AUROC, whose histogram curve takes the box's diagonal), AP by
-    at most the sum over bins of recall gained x precision spread in the box, and F1-max by at most
-    the largest F1 reachable in a box minus the histogram's F1-max. A bin whose pixels all share
-    one score is exact (the exact metrics treat a tie as one threshold too), so its box counts
-    zero. The bound is pessimistic where a bin mixes a large exact tie with other scores (it
-    cannot see the tie). With 2^16 bins, on 2,000 smooth 256 x 256 maps with defects, it is 1e-5
-    (AUROC) to 1e-4 (AP) and the actual differences are at most 4e-5; the project promises 1e-3.
-    """
-
-    def __init__(self, bins: int = 2**16, fpr_limit: float = 0.3):
-        """
-        Args:
-            bins: number of score bins; memory and accuracy grow with it.
-            fpr_limit: AU-PRO's upper FPR end.
-        """
-        self.bins, self.fpr_limit = bins, fpr_limit
-        self.normal = np.zeros(bins, dtype=np.int64)  # normal pixels per bin
-        self.anomalous = np.zeros(bins, dtype=np.int64)  # anomalous pixels per bin
-        self.overlap = np.zeros(bins, dtype=np.float64)  # sum of 1 / region size per bin
-        self.smallest = np.full(bins, math.inf)  # smallest score per bin
-        self.largest = np.full(bins, -math.inf)  # largest score per bin
-        self.regions = 0  # ground-truth regions seen
-        self.exponent, self.offset = None, 0  # the grid: bin k = [(offset + k) 2^e, (offset + k + 1) 2^e)
-        self.low, self.high = math.inf, -math.inf  # the smallest and largest score seen
-
-    def _cover(self, low: float, high: float) -> None:
-        """Grows the grid, merging the counts exactly, until [low, high] lies inside it."""
-        low, high = min(low, self.low), max(high, self.high)
-        exponent = math.frexp(max(abs(low), abs(high)))[1] - 52
-        if self.exponent is not None:
-            exponent = max(exponent, self.exponent)
-        while math.floor(high / 2.0**exponent) - math.floor(low / 2.0**exponent) >= self.bins:
-            exponent += 1
-        offset = math.floor(low / 2.0**exponent)
-        if self.exponent is not None and (exponent, offset) != (self.exponent, self.offset):
-            # Old bin k lies inside new bin floor((old offset + k) / 2^shift) - new offset (the
-            # clip only touches old bins beyond the data, which are empty).
-            shift = exponent - self.exponent
-            moved = np.clip(((self.offset + np.arange(self.bins)) >> shift) - offset, 0, self.bins - 1)
-            for name, merge, empty in (("normal", np.add, 0), ("anomalous", np.add, 0),
-                                       ("overlap", np.add, 0), ("smallest", np.minimum, math.inf),
-                                       ("largest", np.maximum, -math.inf)):
-                new = np.full_like(getattr(self, name), empty)
-                merge.at(new, moved, getattr(self, name))
-                setattr(self, name, new)
-        self.exponent, self.offset, self.low, self.high = exponent, offset, low, high
-
-    def update(self, maps, masks) -> None:
-        """Adds maps and their ground truth.
-
-        Args:
-            maps: (..., H, W) anomaly scores (torch on any device, or numpy), finite.
-            masks: (..., H, W) ground truth, same shape, 1/True = anomalous.
-        """
-        maps, masks = _numpy(maps).astype(np.float64), _numpy(masks) > 0
-        if maps.shape != masks.shape:
-            raise ValueError(f"maps {maps.shape} and masks {masks.shape} must have the same shape")
-        if maps.size == 0:
-            return
-        if not np.isfinite(maps).all():
-            raise ValueError("anomaly maps contain NaN or infinite values")
-        self._cover(float(maps.min()), float(maps.max()))
-        index = (np.floor(maps * 2.0**-self.exponent) - self.offset).astype(np.int64)
-        labels = connected_components(masks)[masks]  # (P,) region of each anomalous pixel
-        sizes = np.bincount(labels, minlength=1)  # (regions + 1,) pixels per region, 0 = background
-        self.normal += np.bincount(index[~masks], minlength=self.bins)
-        self.anomalous += np.bincount(index[masks], minlength=self.bins)
-        self.overlap += np.bincount(index[masks], weights=1.0 / sizes[labels], minlength=self.bins)
-        self.regions += len(sizes) - 1
-        np.minimum.at(self.smallest, index.ravel(), maps.ravel())
-        np.maximum.at(self.largest, index.ravel(), maps.ravel())
-
-    def merge(self, other: "PixelMetrics") -> None:
-        """Adds the pixels another accumulator has seen (another process's share of the test split).
-
-        Exact: the grid depends only on the smallest and largest score seen (the finest power-of-two
-        grid that holds them), so once both cover the joint range they share one grid and their
-        counts add up to those of one accumulator fed both shares. Only the float sums of `overlap`
-        may differ in their last bits (the order of the additions).
-        """
-        if (other.bins, other.fpr_limit) != (self.bins, self.fpr_limit):
-            raise ValueError(f"cannot merge PixelMetrics with {other.bins} bins and fpr_limit {other.fpr_limit} "
-                             f"into one with {self.bins} and {self.fpr_limit}")
-        if other.exponent is None:  # it has seen no pixel
-            return
-        other = copy.deepcopy(other)
-        self._cover(other.low, other.high)
-        other._cover(self.low, self.high)
-        assert (self.exponent, self.offset) == (other.exponent, other.offset)
-        self.normal += other.normal
-        self.anomalous += other.anomalous
-        self.overlap += other.overlap
-        np.minimum(self.smallest, other.smallest, out=self.smallest)
-        np.maximum(self.largest, other.largest, out=self.largest)
-        self.regions += other.regions
-
-    def _curves(self):
-        """Cumulative counts at each threshold, from the top bin down (each (bins + 1,))."""
-        tp, fp = _descending_cumsum(self.anomalous), _descending_cumsum(self.normal)
-        return tp.astype(np.float64), fp.astype(np.float64)
-
-    def _defined(self) -> bool:
-        return self.normal.sum() > 0 and self.anomalous.sum() > 0
-
-    def roc_curve(self):
-        """Returns (fpr, tpr): the pixel ROC curve at the edges of the non-empty bins, for plots."""
-        tp, fp = self._curves()
-        keep = np.concatenate([[True], (self.normal + self.anomalous)[::-1] > 0])
-        return fp[keep] / max(fp[-1], 1.0), tp[keep] / max(tp[-1], 1.0)
-
-    def compute(self) -> dict:
-        """Returns {"auroc", "ap", "f1_max", "aupro"}: NaN where the pixels seen so far hold only
-        one class (AU-PRO: no region or no normal pixel)."""
-        if not self._defined():
-            return dict.fromkeys(("auroc", "ap", "f1_max", "aupro"), math.nan)
-        tp, fp = self._curves()
-        positives, negatives = tp[-1], fp[-1]
-        precision = tp[1:] / np.maximum(tp[1:] + fp[1:], 1.0)
-        fpr, pro = _pro_curve(self.normal, self.overlap, self.regions)
-        return {
-            "auroc": _trapezoid(tp / positives, fp / negatives),
-            "ap": float(np.sum(np.diff(tp) / positives * precision)),
-            "f1_max": float(np.max(2 * tp / (tp + fp + positives))),
-            "aupro": _area_up_to(fpr, pro, self.fpr_limit) / self.fpr_limit,
-        }
-
-    def f1_max_ader(self) -> tuple[float, float]:
-        """Pixel F1-max as the official MVAD code computes it, and how far this can be from it.
-
-        The official code (lewandofskee/MVAD util/metric.py, "mF1_max_px", from ADer) min-max
-        normalises all maps of a category together and calls a pixel anomalous when its normalised
-        score is > s, for the 21 thresholds s = 0, 0.05, ..., 1. Here s is the score t = low + s
-        (high - low) (the histograms keep the exact smallest and largest score). The bins above t's
-        bin count fully, those below not at all; t's own bin counts fully when all its scores are
-        > t, not at all when none is, and otherwise with the share of its range [smallest, largest]
-        above t (linear interpolation). The bound takes such a straddled bin as all above or all
-        below t; it is 0 when no threshold falls inside a bin's range. Up to float rounding at t.
-
-        Returns:
-            (F1-max, bound on its distance to the official value); (NaN, NaN) with one class only.
-        """
-        if not self._defined():
-            return math.nan, math.nan
-        t = self.low + ADER_THRESHOLDS * (self.high - self.low)  # (21,) the thresholds as scores
-        k = np.clip(np.floor(t * 2.0**-self.exponent).astype(np.int64) - self.offset, 0, self.bins - 1)
-        possible = self.largest[k] > t  # (21,) some of t's bin may lie above t (empty bins: none)
-        certain = (possible & (self.smallest[k] > t)).astype(float)  # (21,) all of it lies above t
-        possible = possible.astype(float)
-        with np.errstate(invalid="ignore", divide="ignore"):  # only straddled bins use the ratio
-            linear = (self.largest[k] - t) / (self.largest[k] - self.smallest[k])
-        shares = np.stack([certain, np.where(certain == possible, certain, linear), possible])  # (3, 21)
-        tp_cum, fp_cum = np.cumsum(self.anomalous), np.cumsum(self.normal)  # ascending bins
-        tp = tp_cum[-1] - tp_cum[k] + shares * self.anomalous[k]  # (3, 21) anomalous pixels > t
-        fp = fp_cum[-1] - fp_cum[k] + shares[::-1] * self.normal[k]  # (3, 21) normal, fewest first
-        f1 = (2 * tp / (tp + fp + tp_cum[-1])).max(axis=1)  # (3,) lowest, estimated, highest
-        return float(f1[1]), float(max(f1[2] - f1[1], f1[1] - f1[0]))
-
-    def error_bound(self) -> dict:
-        """Returns {"auroc", "ap", "f1_max", "aupro"}: the largest possible difference between
-        `compute()` and the exact metrics over the same pixels (see the class docstring)."""
-        if not self._defined():
-            return dict.fromkeys(("auroc", "ap", "f1_max", "aupro"), math.nan)
-        tp, fp = self._curves()
-        positives, negatives = tp[-1], fp[-1]
-        spread = (self.smallest < self.largest)[::-1]  # (bins,) bins holding more than one score
-        tp_above, fp_above, tp_in, fp_in = tp[:-1], fp[:-1], tp[1:], fp[1:]  # each bin's box corners
-        fp_best = np.where(spread, fp_above, fp_in)  # a tied bin has no point inside its box
-        precision_high = tp_in / np.maximum(tp_in + fp_best, 1.0)
-        precision_low = np.where(spread, tp_above / np.maximum(tp_above + fp_in, 1.0), precision_high)
-        f1_high = 2 * tp_in / (tp_in + fp_best + positives)
-        fpr, pro = _pro_curve(self.normal, self.overlap, self.regions)
-        fpr_clipped = np.minimum(fpr, self.fpr_limit)
-        return {
-            "auroc": float(np.sum(spread * np.diff(fp) * np.diff(tp)) / (2 * negatives * positives)),
-            "ap": float(np.sum(np.diff(tp) / positives * (precision_high - precision_low))),
-            "f1_max": float(f1_high.max()) - self.compute()["f1_max"],
-            "aupro": float(np.sum(spread * np.diff(fpr_clipped) * np.diff(pro))) / self.fpr_limit,
-        }
-
-
-# ----------------------------------------------------------------------------- scores per view and per sample
-
-
-def image_scores(maps: torch.Tensor) -> torch.Tensor:
-    """Image (view) score = max of its smoothed anomaly map, as the official code.
-    (B, V, H, W) -> (B, V)."""
-    return maps.amax(dim=(-2, -1))
-
-
-def image_labels(masks: torch.Tensor) -> torch.Tensor:
-    """Image (view) label = any anomalous pixel in its (resized) mask. (B, V, H, W) -> (B, V) bool."""
-    return masks.flatten(2).gt(0).any(dim=-1)
-
-
-def sample_scores(scores: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Sample score = max over its present views. (B, V), view_mask (B, V) bool -> (B,)."""
-    if view_mask is not None:
-        scores = scores.masked_fill(~view_mask, -math.inf)
-    return scores.amax(dim=1)
-
-
-def sample_labels(labels: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Sample label = any of its present views anomalous. (B, V) bool, view_mask (B, V) -> (B,)."""
-    if view_mask is not None:
-        labels = labels & view_mask
-    return labels.any(dim=1)
+from metrics import (LEVEL_KEYS, PixelMetrics, average, image_labels, image_scores, level_metrics, roc_points,
+                     sample_labels, sample_scores, trapezoid, view_normalised)
+from mvad import read_torch_file
+from runtime import (METHODS, PRECISIONS, accelerate, distributed_context, distributed_run, gather, place,
+                     process_group, resolve_device, resolve_precision, setup_process, sharded_loader)
+
+# ----------------------------------------------------------------------------- dropped views and camera statistics
 
 
 def drop_views_mask(num_samples: int, num_views: int, k: int, seed: int) -> torch.Tensor:
@@ -542,12 +91,10 @@ def camera_statistics(model, dataset, device, batch_size: int = 8, workers: int 
     Returns:
         {category: (2, V) tensor, row 0 the means, row 1 the stds}.
     """
-    rank, world = process_group()
-    indices = shard(len(dataset), rank, world)
+    loader, indices, rank = sharded_loader(dataset, batch_size, workers, device)
     categories, rows = [], []
     with torch.inference_mode():
-        for batch in tqdm(DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers),
-                          desc="camera statistics", leave=False, disable=rank != 0):
+        for batch in tqdm(loader, desc="camera statistics", leave=False, disable=rank != 0):
             rows += image_scores(model.anomaly_map(batch["images"].to(device))).float().tolist()  # B x V scores
             categories += batch["category"]
     scores = defaultdict(dict)  # category -> {sample index: V image scores}
@@ -561,52 +108,7 @@ def camera_statistics(model, dataset, device, batch_size: int = 8, workers: int 
     return stats
 
 
-# ----------------------------------------------------------------------------- several processes
-
-
-def process_group() -> tuple[int, int]:
-    """(rank, number of processes) of the torch.distributed group this process has joined (under
-    torchrun: eval.py's command line or train.py); (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def shard(num_samples: int, rank: int, world: int) -> list[int]:
-    """The indices of the samples that process `rank` of `world` evaluates: every world-th from
-    `rank` on. Strided, as the official code's DistributedSampler(shuffle=False) (lewandofskee/MVAD
-    data/__init__.py), but without its padding, which repeats samples to even out the shards. Each
-    shard holds every category in about equal parts, so the processes go through the categories
-    together. The order of the samples does not matter for any metric: the merge sorts them back."""
-    return list(range(rank, num_samples, world))
-
-
-def gather(part, everywhere: bool = False) -> list | None:
-    """Every process's `part` (any picklable object; tensors on the CPU) as a list in rank order:
-    on rank 0 only (None on the others), or on every process with `everywhere`. One process: [part]."""
-    rank, world = process_group()
-    if world == 1:
-        return [part]
-    parts = [None] * world
-    if everywhere:
-        dist.all_gather_object(parts, part)
-        return parts
-    dist.gather_object(part, parts if rank == 0 else None, dst=0)
-    return parts if rank == 0 else None
-
-
 # ----------------------------------------------------------------------------- the evaluation loop
-
-
-def level_metrics(scores, labels) -> dict:
-    """AUROC, AP and F1-max of one level's scores. (n,), (n,) -> {"auroc", "ap", "f1_max"}."""
-    return {"auroc": auroc(scores, labels), "ap": ap(scores, labels), "f1_max": f1_max(scores, labels)}
-
-
-def average(per_category: dict) -> dict:
-    """The papers' "Average" row: the mean over categories of each level's metrics."""
-    return {level: {key: float(np.mean([m[level][key] for m in per_category.values()])) for key in keys}
-            for level, keys in LEVEL_KEYS.items()}
 
 
 def example(batch: dict, i: int, images, maps, masks, view_mask, view_scores, label) -> dict:
@@ -648,10 +150,7 @@ def evaluate(model, dataset, device, drop_views: int = 0, batch_size: int = 8, w
             "image_threshold", "map_range"}}, "examples": [dict per kept sample]}.
         Both None on every process but rank 0.
     """
-    rank, world = process_group()
-    indices = shard(len(dataset), rank, world)
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=torch.device(device).type == "cuda")
+    loader, indices, rank = sharded_loader(dataset, batch_size, workers, device)
     collected, view_masks, start = ShardResults(bins, num_figures), None, 0  # start: the batch's place in the shard
     with torch.inference_mode():
         for batch in tqdm(loader, desc="evaluating", leave=False, disable=rank != 0):
@@ -687,8 +186,7 @@ def score_batch(model, batch: dict, device, view_mask: torch.Tensor | None, view
     masks = batch["masks"][:, :, 0] > 0.5  # (B, V, H, W)
     scores = image_scores(maps)  # (B, V)
     if view_stats is not None:
-        stats = torch.stack([view_stats[c] for c in batch["category"]])  # (B, 2, V)
-        scores = (scores - stats[:, 0]) / stats[:, 1]
+        scores = view_normalised(scores, torch.stack([view_stats[c] for c in batch["category"]]))  # (B, V)
     return {"images": images, "maps": maps, "masks": masks, "classes": batch["view_classes"] > 0,
             "scores": scores, "labels": image_labels(masks)}
 
@@ -772,11 +270,12 @@ def summarise(pixels: dict, gathered: dict) -> tuple[dict, dict, dict]:
         sample, image = (sample_scores(s, m), sample_labels(c, m)), (s[m], y[m])
         f1_ader, f1_ader_bound = pixels[category].f1_max_ader()
         levels[category] = {"sample": sample, "image": image, "pixel_roc": pixels[category].roc_curve()}
-        per_category[category] = {"sample": level_metrics(*sample), "image": level_metrics(*image),
+        sample_metrics, sample_threshold = level_metrics(*sample)
+        image_metrics, image_threshold = level_metrics(*image)
+        per_category[category] = {"sample": sample_metrics, "image": image_metrics,
                                   "pixel": {**pixels[category].compute(), "f1_max_ader": f1_ader}}
         bounds[category] = {**pixels[category].error_bound(), "f1_max_ader": f1_ader_bound}
-        decision[category] = {"sample_threshold": f1_max_threshold(*sample),
-                              "image_threshold": f1_max_threshold(*image),
+        decision[category] = {"sample_threshold": sample_threshold, "image_threshold": image_threshold,
                               "map_range": [pixels[category].low, pixels[category].high]}
     metrics = average(per_category)
     # |mean of a - mean of b| <= mean of |a - b|: the bound of the category mean is the mean bound
@@ -885,6 +384,11 @@ class ADEvalExport:
 # ----------------------------------------------------------------------------- reports and pictures
 
 
+def file_name(text: str) -> str:
+    """`text` as a file name on any system: each character but letters, digits and _ . - becomes _."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+
+
 def _percent(x: float) -> str:
     return "-" if math.isnan(x) else f"{100 * x:.1f}"
 
@@ -951,11 +455,10 @@ def plot_roc(levels: dict, path: Path) -> None:
             if level == "pixel":
                 fpr, tpr = curves["pixel_roc"]
             else:
-                scores, labels = _numpy(curves[level][0]), _numpy(curves[level][1])
-                fpr, tpr, _ = roc_curve(labels, scores) if _both_classes(labels) else ([0.0], [0.0], None)
+                fpr, tpr = roc_points(*curves[level])
             if fpr[-1] == 0 or tpr[-1] == 0:  # one class only: no curve
                 continue
-            ax.plot(fpr, tpr, lw=1.2, label=f"{category} ({100 * _trapezoid(tpr, fpr):.1f})")
+            ax.plot(fpr, tpr, lw=1.2, label=f"{category} ({100 * trapezoid(tpr, fpr):.1f})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(title=f"{level} ROC (AUROC %)", xlabel="false positive rate", ylabel="true positive rate",
                xlim=(0, 1), ylim=(0, 1.01))
@@ -965,85 +468,6 @@ def plot_roc(levels: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- checkpoint and data
-
-
-def place(model: torch.nn.Module, device) -> torch.nn.Module:
-    """Moves the model to `device`, on a CPU in the channels-last memory format, where oneDNN's
-    convolutions are faster: a training step 2-3% faster for MVAD and 9-16% for IDIF on the 2-core
-    machine of the README (bench/train.py measures both layouts). GPU runs keep the default layout,
-    the one their README figures were measured with."""
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else model
-
-
-PRECISIONS = ("fp32", "bf16")  # --precision: float32, or bf16 autocast of the forward passes
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def reuse_freed_memory() -> None:
-    """Lets the C allocator keep freed memory for the next tensors instead of returning it to the
-    system. glibc serves blocks above a threshold (at most 32 MiB) with fresh pages from the kernel
-    and unmaps them when freed, so every large temporary (a padded feature map, an attention matrix)
-    costs page faults and a kernel zero-fill of its pages, on every call (README, Performance: the
-    plain MVAS spent more than half of its time there). mallopt exists only in glibc: elsewhere
-    (macOS, Windows) this does nothing."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)  # heap (reused) instead of fresh mappings up to 1 GiB
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)  # keep up to 1 GiB of free heap in the process
-    except (OSError, AttributeError):
-        pass
-
-
-def setup_process(threads: int | None) -> None:
-    """CPU settings for a run: torch's threads when --threads is given (else torch's default, the
-    cores, or $OMP_NUM_THREADS as torchrun sets it), reuse_freed_memory(). On an idle 2-core machine
-    2 threads took 1.55 s per MVAD step against 2.7 s for 1; with another process keeping one core
-    busy 2 threads took 5.2 s against 3.0 s for 1 (README, Performance): there --threads 1 is faster."""
-    if threads is not None and threads < 1:
-        raise data.UserError(f"--threads {threads}: must be at least 1 (or leave it out for the default)")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    reuse_freed_memory()
-
-
-def autocast(device, precision: str):
-    """The forward passes' autocast context: bf16 for --precision bf16, a no-op for fp32."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-@contextlib.contextmanager
-def distributed_run(device: torch.device, world: int, local_rank: int):
-    """The process's device and, for several processes (torchrun), the torch.distributed group
-    (nccl on GPUs, gloo on CPUs) around the run. A plain "cuda" becomes the GPU of LOCAL_RANK
-    (GPU 0 for one process). Yields the device."""
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield device
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
-def accelerate(anomaly_map, device, compile: bool, precision: str):
-    """A model's anomaly_map method, compiled (compile_model) and/or under bf16 autocast."""
-    fn = compile_model(anomaly_map, device) if compile else anomaly_map
-
-    def run(images, view_mask=None):
-        with autocast(device, precision):
-            return fn(images, view_mask)
-    return run
-
-
-def compile_model(module, device):
-    """torch.compile(module); on a GPU with CUDA graphs (mode "reduce-overhead"), which removes the
-    kernel-launch overhead that bounds the MVAS blocks there."""
-    return torch.compile(module, mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
 
 
 def load_model(path: str):
@@ -1057,7 +481,7 @@ def load_model(path: str):
         raise data.UserError(f"--checkpoint {path}: no such file; pass the last.pt that train.py wrote "
                              "(e.g. runs/idif_zipper/last.pt)")
     checkpoint = read_torch_file(path, f"--checkpoint {path}", "PyTorch checkpoint",
-                                 "the file is damaged or of another kind, re-run train.py", data.UserError)
+                                 "the file is damaged or of another kind, re-run train.py")
     if not isinstance(checkpoint, dict) or not {"method", "config", "model"} <= checkpoint.keys():
         raise data.UserError(f"--checkpoint {path}: not a train.py checkpoint (it needs the keys "
                              "method, config and model)")
@@ -1224,7 +648,7 @@ def predict(cfg: PredictConfig) -> dict:
     device = resolve_device(cfg.device)
     model, checkpoint = load_model(str(run / "last.pt"))
     model, size = place(model, device), checkpoint["config"]["image_size"]
-    out.mkdir(parents=True, exist_ok=True)
+    created(out, "--out")
     results = []
     for key, paths in samples:
         images = torch.stack([predict_image(p, size) for p in paths])  # (V, 3, H, W)
@@ -1232,11 +656,10 @@ def predict(cfg: PredictConfig) -> dict:
             maps = model.anomaly_map(data.normalize(images)[None].to(device)).float().cpu()[0]  # (V, H, W)
         scores = image_scores(maps)  # (V,)
         if decision["view_stats"] is not None:
-            mean, std = torch.tensor(decision["view_stats"])  # (V,) each
-            scores = (scores - mean) / std
+            scores = view_normalised(scores, torch.tensor(decision["view_stats"]))  # (V,)
         result = {"sample_id": key, "score": float(scores.max()),
                   "anomalous": bool(scores.max() >= decision["sample_threshold"]),
-                  "picture": f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.png",
+                  "picture": f"{file_name(key)}.png",
                   "views": [{"path": str(p), "score": float(x),
                              "anomalous": bool(x >= decision["image_threshold"])} for p, x in zip(paths, scores)]}
         rgb = images.permute(0, 2, 3, 1).numpy()  # (V, H, W, 3)
@@ -1294,26 +717,13 @@ class EvalConfig:
     device: str | None = None  # None: cuda if available, else cpu
     threads: int | None = None  # torch CPU threads; None: torch's default (the cores)
     compile: bool = False  # torch.compile the anomaly-map pass (on a GPU with CUDA graphs)
-    precision: str = "fp32"  # fp32 | bf16: bf16 autocast of the anomaly-map pass
+    precision: str = "auto"  # auto | fp32 | bf16: bf16 autocast of the anomaly-map pass (runtime.resolve_precision)
     drop_views: int = 0  # views removed at random from every sample (IDIF's robustness table); 0 = none
     view_norm: bool = False  # z-score image scores per camera with training-split statistics
     num_figures: int = 4  # test samples drawn with their maps (defective first)
     seed: int = 0  # seed of the --drop-views draw
     bins: int = 2**16  # PixelMetrics histogram bins: 2.6 MB per category, error bound <= ~1e-4
     export_adeval: str | None = None  # write ADEval's input (pickle of maps) here; None: no export
-
-
-def resolve_device(flag: str | None) -> torch.device:
-    """--device as a torch.device (None: cuda if available, else cpu), with one-line errors."""
-    try:
-        device = torch.device(flag or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise data.UserError(f"--device {flag}: not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise data.UserError(f"--device {flag}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
 def main(cfg: EvalConfig) -> dict:
     """Evaluates a checkpoint on its test split; writes metrics.json, metrics.md, PNGs; prints the
     table; returns the metrics dict (as written to metrics.json, with NaN for undefined metrics).
@@ -1324,6 +734,9 @@ def main(cfg: EvalConfig) -> dict:
         raise data.UserError(f"--batch-size {cfg.batch_size}, --bins {cfg.bins}, --num-figures "
                              f"{cfg.num_figures}: need at least 1, 2 and 0")
     device = resolve_device(cfg.device)
+    precision, why = resolve_precision(cfg.precision, device)
+    chosen = f"precision {precision}" + (f" ({why})" if cfg.precision == "auto" else "")  # for the title
+    cfg = dataclasses.replace(cfg, precision=precision)
     setup_process(cfg.threads)
     model, checkpoint = prepared_model(cfg, device)
     root, category, test_set = test_split(cfg, checkpoint)
@@ -1332,19 +745,18 @@ def main(cfg: EvalConfig) -> dict:
     if cfg.view_norm:
         train_set = data.RealIAD(root, category_list(category), "train", image_size=checkpoint["config"]["image_size"])
         view_stats = camera_statistics(model, train_set, device, cfg.batch_size, cfg.workers)
-    export = None if cfg.export_adeval is None else ADEvalExport(_writable(cfg.export_adeval),
-                                                                 test_set.categories)
+    export = adeval_export(cfg.export_adeval, test_set.categories)
     metrics, collected = evaluate(model, test_set, device, drop_views=cfg.drop_views,
                                   batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
                                   view_stats=view_stats, num_figures=cfg.num_figures, bins=cfg.bins,
                                   export=export)
     if metrics is None:  # not rank 0, which reports for every process
         return {}
-    metrics["settings"] = run_settings(cfg, checkpoint, root, test_set, collected)
+    metrics["settings"] = run_settings(cfg, checkpoint, root, test_set, collected, device)
     metrics["predict"] = {c: {**decision, "view_stats": None if view_stats is None else view_stats[c].tolist()}
                           for c, decision in collected["decision"].items()}  # what `eval.py predict` applies
     title = (f"{checkpoint['method']} on {category}: {len(test_set)} test samples, drop_views "
-             f"{cfg.drop_views}, view_norm {cfg.view_norm}")
+             f"{cfg.drop_views}, view_norm {cfg.view_norm}, {chosen}")
     write_reports(out, metrics, collected, category, title, report_notes(cfg, checkpoint, root, metrics, export))
     return metrics
 
@@ -1359,7 +771,7 @@ def prepared_model(cfg: EvalConfig, device: torch.device) -> tuple:
     flags ask, the checkpoint dict)."""
     model, checkpoint = load_model(cfg.checkpoint)
     model = place(model, device)
-    if cfg.compile or cfg.precision != "fp32":  # camera_statistics and evaluate call model.anomaly_map
+    if cfg.compile or cfg.precision == "bf16":  # camera_statistics and evaluate call model.anomaly_map
         model.anomaly_map = accelerate(model.anomaly_map, device, cfg.compile, cfg.precision)
     return model, checkpoint
 
@@ -1382,25 +794,42 @@ def test_split(cfg: EvalConfig, checkpoint: dict) -> tuple:
     return root, category, test_set
 
 
+def created(folder: Path, flag: str) -> Path:
+    """`folder`, created with its parents; a one-line error naming the `flag` that chose it when that
+    cannot be done."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise data.UserError(f"{flag}: cannot create the folder {folder} ({e.strerror}); choose a writable "
+                             "place") from None
+    return folder
+
+
+def adeval_export(path: str | None, categories: list[str]) -> "ADEvalExport | None":
+    """The ADEvalExport of --export-adeval FILE, FILE's folder created; None without the flag."""
+    if path is None:
+        return None
+    created(Path(path).parent, "--export-adeval")
+    return ADEvalExport(Path(path), categories)
+
+
 def output_folder(cfg: EvalConfig) -> Path:
     """--out (else the checkpoint's folder), created; a one-line error when that cannot be done."""
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).parent
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise data.UserError(f"--out {out}: cannot create the folder ({e.strerror}); choose a writable one")
-    return out
+    return created(out, "--out")
 
 
-def run_settings(cfg: EvalConfig, checkpoint: dict, root: Path, test_set, collected: dict) -> dict:
-    """metrics.json's "settings": what was evaluated, on which data, how."""
+def run_settings(cfg: EvalConfig, checkpoint: dict, root: Path, test_set, collected: dict, device) -> dict:
+    """metrics.json's "settings": what was evaluated, on which data, how (on which device, by how many
+    processes: a sharded evaluation says so in its own output)."""
     levels = collected["levels"]
     return {"checkpoint": str(cfg.checkpoint), "method": checkpoint["method"], "epoch": checkpoint.get("epoch"),
             "data_root": str(root), "categories": sorted(levels), "image_size": checkpoint["config"]["image_size"],
             "samples": len(test_set), "views": test_set[0]["images"].shape[0], "drop_views": cfg.drop_views,
             "view_norm": cfg.view_norm,
             "positive_samples": positive_samples(collected), "images": sum(len(c["image"][0]) for c in levels.values()),
-            "seed": cfg.seed, "pixel_bins": cfg.bins}
+            "seed": cfg.seed, "pixel_bins": cfg.bins, "device": str(device), "world_size": process_group()[1],
+            "precision": cfg.precision}
 
 
 def positive_samples(collected: dict) -> int:
@@ -1419,16 +848,6 @@ def report_notes(cfg: EvalConfig, checkpoint: dict, root: Path, metrics: dict, e
     return [note for note in notes if note]
 
 
-def _writable(path: str) -> Path:
-    """The --export-adeval file, its folder created; a one-line error when that cannot be done."""
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise data.UserError(f"--export-adeval {path}: cannot create its folder ({e.strerror}); choose a "
-                             "writable place") from None
-    return Path(path)
-
-
 def write_reports(out: Path, metrics: dict, collected: dict, category: str, title: str,
                   notes: list[str]) -> None:
     """metrics.json, metrics.md (title, table, notes), roc.png, the example pictures; prints the same."""
@@ -1437,7 +856,7 @@ def write_reports(out: Path, metrics: dict, collected: dict, category: str, titl
     (out / "metrics.md").write_text("\n\n".join([title, table.rstrip("\n"), *notes]) + "\n")
     plot_roc(collected["levels"], out / "roc.png")
     for k, ex in enumerate(collected["examples"]):
-        plot_example(ex, out / f"example_{k}_{re.sub(r'[^A-Za-z0-9_.-]', '_', ex['sample_id'])}.png")
+        plot_example(ex, out / f"example_{k}_{file_name(ex['sample_id'])}.png")
     print(title)
     print(format_table(metrics, category), end="")
     for note in notes:
@@ -1459,7 +878,9 @@ def parse_args(argv=None) -> EvalConfig:
     p.add_argument("--device", default=d.device, help="None = cuda if available, else cpu")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: torch's, the cores)")
     p.add_argument("--compile", action="store_true", help="torch.compile the anomaly-map pass (CUDA graphs on a GPU)")
-    p.add_argument("--precision", default=d.precision, choices=PRECISIONS, help="bf16: bf16 autocast")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                   help="bf16: bf16 autocast of the anomaly-map pass; auto: bf16 where the device computes it "
+                        "natively")
     p.add_argument("--drop-views", type=int, default=d.drop_views,
                    help="remove K random views from every sample (at least one kept)")
     p.add_argument("--view-norm", action="store_true",
@@ -1483,15 +904,6 @@ def parse_predict_args(argv=None) -> PredictConfig:
     p.add_argument("--category", default=None, help="which of a multi-class run's thresholds (None: its only one)")
     p.add_argument("--device", default=None, help="None = cuda if available, else cpu")
     return PredictConfig(**vars(p.parse_args(argv)))
-
-
-def distributed_context() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-
-
 def main_in_torchrun(cfg: EvalConfig) -> dict:
     """main(cfg); under torchrun (RANK set) inside a process group of its processes, gloo on CPUs
     and nccl on GPUs, each process on the GPU of its LOCAL_RANK, so that they share the test split:

@@ -70,7 +70,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from mvad import DeBasicBlock, FrozenEncoder, cosine_distance_map, gaussian_blur, rd4ad_init
+from mvad import (DeBasicBlock, FrozenEncoder, TrainingRecipe, check_field, check_recipe, cosine_distance_map,
+                  encoder_channels, gaussian_blur, is_count, rd4ad_init)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -207,7 +208,8 @@ def rotate_and_project(voxel: torch.Tensor, theta: torch.Tensor, size: tuple[int
 
 def distillation_loss(f_tea: list[torch.Tensor], f_stu: list[torch.Tensor],
                       view_mask: torch.Tensor) -> torch.Tensor:
-    """L_Distill: sum over kept views and scales of the mean over positions of 1 - cos(f_tea, f_stu).
+    """L_Distill: sum over kept views and scales of the mean over positions of 1 - cos(f_tea, f_stu),
+    in float32 (the features may be bf16 under autocast).
 
     Dropped views are replaced by zeros with torch.where (not multiplied by 0, which would let a
     NaN through).
@@ -220,7 +222,7 @@ def distillation_loss(f_tea: list[torch.Tensor], f_stu: list[torch.Tensor],
     """
     total = 0.0
     for tea, stu in zip(f_tea, f_stu):
-        distance = 1 - F.cosine_similarity(tea, stu, dim=2)  # (B, V, h_s, w_s)
+        distance = 1 - F.cosine_similarity(tea.float(), stu.float(), dim=2)  # (B, V, h_s, w_s)
         total = total + distance.mean(dim=(2, 3)).where(view_mask, 0.0).sum(dim=1)  # (B,)
     return total.mean()
 
@@ -275,8 +277,8 @@ class ConsistencyBottleneck(nn.Module):
             f_E: (B, V, C, h, w) the student encoder's features.
             view_mask: (B, V) bool, True = view kept.
         Returns:
-            f_c (B, C, h, w); f_s (B, V, C, h, w), zeros for the dropped views; and the Latent
-            (c, mu, log_var, f_c) that ib_loss needs.
+            f_s (B, V, C, h, w), zeros for the dropped views, and the Latent (c, mu, log_var, f_c
+            (B, C, h, w)) that the decoders' input and ib_loss take f_c from.
         """
         # STEP 1: what the kept views share: their mean (absent views excluded)
         pooled = masked_view_mean(f_E, view_mask)  # (B, C, h, w)
@@ -287,20 +289,22 @@ class ConsistencyBottleneck(nn.Module):
         f_c = self.decode(c)  # (B, C, h, w)
         # STEP 4: f_s^(v) = f_E^(v) - f_c, one f_c per sample shared by its views
         f_s = (f_E - f_c[:, None]).where(view_mask[:, :, None, None, None], 0.0)  # (B, V, C, h, w)
-        return f_c, f_s, Latent(c, mu, log_var, f_c)
+        return f_s, Latent(c, mu, log_var, f_c)
 
-    def ib_loss(self, f_E: torch.Tensor, view_mask: torch.Tensor, latent: Latent) -> torch.Tensor:
+    def ib_loss(self, f_E: torch.Tensor, view_mask: torch.Tensor,
+                latent: Latent) -> tuple[torch.Tensor, torch.Tensor]:
         """L_IB = -log q(f_E | f_c) with q(f_E^(v) | f_c) = N(f_c, I): the mean squared distance of
-        f_c to each kept view's (detached) f_E, + kl_weight * KL(N(mu, Sigma^2) || N(0, 1)).
+        f_c to each kept view's (detached) f_E, + kl_weight * KL(N(mu, Sigma^2) || N(0, 1)), in float32.
 
         Args:
             f_E: (B, V, C, h, w); view_mask: (B, V) bool; latent: the Latent from forward.
         Returns:
-            scalar, averaged over kept views and samples.
+            L_IB, a scalar averaged over kept views and samples, and the KL inside it (scalar, for the log).
         """
-        error = (f_E.detach() - latent.f_c[:, None]).pow(2).mean(dim=(2, 3, 4))  # (B, V)
+        error = (f_E.detach().float() - latent.f_c[:, None].float()).pow(2).mean(dim=(2, 3, 4))  # (B, V)
         reconstruction = masked_view_mean(error, view_mask).mean()
-        return reconstruction + self.kl_weight * kl_divergence(latent.mu, latent.log_var)
+        kl = kl_divergence(latent.mu.float(), latent.log_var.float())
+        return reconstruction + self.kl_weight * kl, kl
 
 
 class MultiHeadAttention(nn.Module):
@@ -428,7 +432,7 @@ class ViewDecoder(nn.Module):
 
 
 @dataclass
-class IDIFConfig:
+class IDIFConfig(TrainingRecipe):
     image_size: int = 256  # input side H = W (paper: 256); a multiple of 16 * patch_size
     num_views: int = 5  # V, views per sample (Real-IAD: 5 cameras); one STN theta and decoder each
     weights: str = "auto"  # teacher ResNet18 weights: auto | imagenet | none | PATH (mvad.FrozenEncoder)
@@ -442,13 +446,40 @@ class IDIFConfig:
     view_dropout: float = 0.2  # probability of dropping a view in training, one always kept (paper: 0.2)
     alpha: float = 1.0  # weight of L_Distill (paper: 1)
     beta: float = 1.0  # weight of L_IB (paper: 1)
-    kl_weight: float = 0.01  # weight of KL(N(mu, Sigma^2) || N(0, 1)) in L_IB; holds Sigma up (paper: none)
+    kl_weight: float = 0.01  # weight of KL(N(mu, Sigma^2) || N(0, 1)) in L_IB; holds Sigma up (0: none, the paper's)
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly maps, pixels (paper is silent; MVAD's official 4)
-    # the optimiser (train.py), paper is silent: MVAD's official recipe with a lower rate for the attention fusion
+    # the optimiser (TrainingRecipe's fields), paper is silent: MVAD's official recipe with a lower rate for
+    # the attention fusion
     base_lr: float = 0.002  # learning rate per 16 images: lr = base_lr * images per step / 16 (MVAD's: 0.005)
-    weight_decay: float = 1e-4  # AdamW weight decay, on weights only (not biases and norms); MVAD's: 1e-4
-    clip: float = 5.0  # gradient-norm clip; MVAD's: 5
-    lr_decay_at: float = 0.8  # the rate drops x0.1 after this share of the epochs; MVAD's: 0.8
+
+    def __post_init__(self):
+        """Checks every field: a ValueError naming it, its value, its range and the paper's value."""
+        check_field(self, "patch_size", is_count(self.patch_size), "at least 1", "the paper is silent, we use 2")
+        stride = 16 * self.patch_size  # pixels per f_s token: stage 3 is H/16, then patches of patch_size
+        check_field(self, "image_size", is_count(self.image_size) and self.image_size % stride == 0,
+                    f"a multiple of {stride} for IDIF (16 x patch_size {self.patch_size}); use e.g. --image-size "
+                    "128 or 256", "the paper uses 256")
+        check_field(self, "num_views", is_count(self.num_views), "at least 1", "Real-IAD has 5")
+        check_field(self, "weights", isinstance(self.weights, str) and self.weights != "",
+                    "auto, imagenet, none or a file", "the paper: ImageNet")
+        check_field(self, "bottleneck", isinstance(self.bottleneck, bool), "true or false", "the paper: true")
+        check_field(self, "fusion", isinstance(self.fusion, bool), "true or false", "the paper: true")
+        check_field(self, "latent_channels", is_count(self.latent_channels), "at least 1",
+                    "the paper is silent, we use 64")
+        check_field(self, "voxel_size", len(self.voxel_size) == 3 and all(map(is_count, self.voxel_size)),
+                    "3 sizes (Dv, Hv, Wv), each at least 1", "the paper is silent, we use 4, 8, 8")
+        check_field(self, "fusion_blocks", is_count(self.fusion_blocks), "at least 1 (fusion=false: none)",
+                    "the paper is silent, we use 2")
+        width = encoder_channels("resnet18")[-1]  # C, the teacher's stage 3 and the voxel's width
+        check_field(self, "heads", is_count(self.heads) and width % self.heads == 0,
+                    f"a divisor of the fusion width {width}", "the paper is silent, we use 8")
+        check_field(self, "view_dropout", 0 <= self.view_dropout < 1, "in [0, 1)", "the paper uses 0.2")
+        check_field(self, "alpha", self.alpha > 0, "positive", "the paper uses 1")
+        check_field(self, "beta", self.beta > 0, "positive (bottleneck=false: no L_IB)", "the paper uses 1")
+        check_field(self, "kl_weight", self.kl_weight >= 0, "at least 0 (0: no KL term)",
+                    "the paper has none, we use 0.01")
+        check_field(self, "blur_sigma", self.blur_sigma > 0, "positive", "the paper is silent, MVAD's official: 4")
+        check_recipe(self, "the paper is silent, MVAD's official")
 
 
 class IDIF(nn.Module):
@@ -456,14 +487,8 @@ class IDIF(nn.Module):
 
     def __init__(self, cfg: IDIFConfig):
         super().__init__()
-        stride = 16 * cfg.patch_size
-        if cfg.image_size % stride:
-            raise ValueError(f"image_size {cfg.image_size} must be a multiple of {stride} for IDIF "
-                             f"(16 x patch_size {cfg.patch_size}); use e.g. --image-size 128 or 256")
-        if not 0 <= cfg.view_dropout < 1:
-            raise ValueError(f"view_dropout {cfg.view_dropout} must be in [0, 1); the paper uses 0.2")
         self.cfg = cfg
-        grid = cfg.image_size // stride
+        grid = cfg.image_size // (16 * cfg.patch_size)
         self.teacher = FrozenEncoder("resnet18", cfg.weights)
         channels = self.teacher.channels  # (64, 128, 256); C = 256 is also the student's f_E width
         self.student = student_encoder()
@@ -500,18 +525,18 @@ class IDIF(nn.Module):
         Returns:
             f_p + f_c (B, V, C, h, w), the decoders' input, and the CB's Latent (None without a CB).
         """
-        f_c, f_s, latent = None, f_E, None  # without a CB: f_c = 0, f_s = f_E
+        f_s, latent = f_E, None  # without a CB: f_c = 0, f_s = f_E
         if self.bottleneck is not None:
             # IDIF STEP 3 of 6 (the paper's Intra-view Decoupling, Consistency Bottleneck): c = mu + Sigma * eps,
             # f_c = Decode(c), f_s = f_E - f_c
-            f_c, f_s, latent = self.bottleneck(f_E, view_mask)  # (B, C, h, w), (B, V, C, h, w)
+            f_s, latent = self.bottleneck(f_E, view_mask)  # (B, V, C, h, w), latent.f_c (B, C, h, w)
         f_p = f_s  # without fusion each view keeps its own f_s
         if self.implicit_voxel is not None:
             # IDIF STEP 4 of 6 (Inter-view Fusion, Implicit Voxel Construction): P_0 -> P_n with the kept views' f_s
             voxel = self.implicit_voxel(f_s, view_mask)  # (B, C, Dv, Hv, Wv)
             # IDIF STEP 5 of 6 (the STN re-projection): f_p^(v) = STN^(v)(P_n, theta^(v))
             f_p = self.stn(voxel, f_E.shape[-2:])  # (B, V, C, h, w)
-        return (f_p if f_c is None else f_p + f_c[:, None]), latent  # (B, V, C, h, w)
+        return (f_p if latent is None else f_p + latent.f_c[:, None]), latent  # (B, V, C, h, w)
 
     def features(self, images: torch.Tensor, corrupted: torch.Tensor, view_mask: torch.Tensor):
         """The teacher's features of the clean views and the student's of the corrupted ones, both
@@ -564,11 +589,10 @@ class IDIF(nn.Module):
         distill = distillation_loss(f_tea, f_stu, view_mask)
         if latent is None:
             return {"loss": self.cfg.alpha * distill, "distill": distill.detach()}
-        ib = self.bottleneck.ib_loss(f_E, view_mask, latent)
+        ib, kl = self.bottleneck.ib_loss(f_E, view_mask, latent)
         loss = self.cfg.alpha * distill + self.cfg.beta * ib  # L = alpha L_Distill + beta L_IB
-        return {"loss": loss, "distill": distill.detach(), "ib": ib.detach(),
-                "kl": kl_divergence(latent.mu, latent.log_var).detach(),
-                "sigma": (0.5 * latent.log_var).exp().mean().detach()}
+        return {"loss": loss, "distill": distill.detach(), "ib": ib.detach(), "kl": kl.detach(),
+                "sigma": (0.5 * latent.log_var.float()).exp().mean().detach()}
 
     def forward(self, images: torch.Tensor, corrupted: torch.Tensor,
                 view_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.utils import flop_counter
 from torchvision.models.resnet import Bottleneck
 
 
@@ -180,7 +181,10 @@ def windowed_attention(q: torch.Tensor, kv: torch.Tensor, scale: float,
     (N*Q, m, T, k*T). Returns (N*Q, m, T, d). PyTorch's fused kernel without gradients and on a GPU
     (not measured there); on a CPU with gradients the formula, since the fused backward is slow for
     MVAS's 8-channel heads (forward + backward of MVAS at 128 px input, scale 0, freed memory reused
-    as train.py runs, 2-core AMD EPYC: 135 ms fused, 74 ms by the formula).
+    as train.py runs, 2-core AMD EPYC: 135 ms fused, 74 ms by the formula). Not by window size:
+    bench/attention.py table 0c times both at every MVAD scale from 96 to 256 px input, and on a
+    2-core AMD EPYC with AVX-512 the formula was the faster at each (the fused kernel 1.05x to 3.8x
+    slower, 1.8x at the official scale 0), so there was no size to switch at.
     """
     any_valid = None if mask is None else mask.any(dim=-1, keepdim=True)  # (..., 1) a key left?
     if mask is not None:
@@ -220,6 +224,10 @@ def mvas_attention(query: torch.Tensor, others: torch.Tensor, n_win: int, topk: 
     with a = 14: the official code computes and crops them), the selected windows are gathered
     whole from a flat table instead of through an expanded token index, and the attention is fused
     where that is faster (`windowed_attention`).
+
+    Counting FLOPs: on CPU tensors FlopCounterMode alone does not see the fused attention's kernel
+    and counts the routing only (17 M of 125 M FLOPs at the official scale 0); `counted_flops`, or
+    tensors on the meta device, count it all (`mvas_flops(..., image_only=True)`).
     """
     N, h, w, C = query.shape
     # STEP 1 (arXiv:2407.11935, MVAS, "Neighbourhood Attention Window"): X -> X_a (v, a^2, hw/a^2, c), zero
@@ -244,6 +252,9 @@ def full_cross_attention(query: torch.Tensor, others: torch.Tensor, num_heads: i
     scaling (full C), heads and (absent) projections as `mvas_attention`. Through PyTorch's fused
     attention, which streams the (h*w x (V-1)*h*w) matrix instead of holding it (8 views at
     64x64 would need 32 GiB for it); `full_cross_attention_reference` is the naive formula.
+    Counting FLOPs: on CPU tensors FlopCounterMode alone does not see the fused kernel and counts 0
+    (of 17,180 M at the official scale 0); `counted_flops`, or tensors on the meta device, count it
+    (`cross_attention_flops`).
 
     Args:
         query: (N, h, w, C) the query view (plus positional embedding).
@@ -338,6 +349,27 @@ def cross_attention_flops(h: int, w: int, c: int, n_other: int) -> int:
     return 2 * 2 * (h * w) * c * (n_other * h * w)
 
 
+# torch 2.14's FlopCounterMode has formulas for the fused attention's GPU kernels and counts the meta
+# device's version as matrix products, but has none for its CPU kernel: counted on CPU tensors,
+# `full_cross_attention` is 0 FLOPs and `mvas_attention` only its routing. The same formulas, for it:
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(grad, q, k, v),
+}
+
+
+def counted_flops(fn, *args, **kwargs) -> int:
+    """FLOPs of one call fn(*args, **kwargs) as FlopCounterMode counts them (2 per multiply-add;
+    elementwise operations, softmax and top-k are not counted), on any device: on a CPU the fused
+    attention's kernel included (CPU_ATTENTION_FLOPS), so a forward counts what it counts on the meta
+    device. A fused backward counts as on a GPU (it recomputes the attention matrix)."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops()
+
+
 # ----------------------------------------------------------------------------- small helpers
 
 
@@ -391,7 +423,9 @@ def _reflect_index(n: int, radius: int, device) -> torch.Tensor:
 
 def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     """Separable Gaussian smoothing with scipy.ndimage.gaussian_filter's defaults (kernel truncated
-    at 4 sigma, 'reflect' borders), as the official code applies to each map.
+    at 4 sigma, 'reflect' borders), as the official code applies to each map. In the maps' own
+    dtype even under bf16 autocast, which would round the scores to 3 significant digits and tie
+    the pixels that the metrics rank.
 
     Args:
         maps: (..., H, W).
@@ -405,16 +439,18 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = (kernel / kernel.sum()).to(device=maps.device, dtype=maps.dtype)
     out = maps.reshape(-1, 1, H, W)  # (N, 1, H, W)
-    out = out[:, :, _reflect_index(H, radius, maps.device), :]  # (N, 1, H + 2r, W)
-    out = F.conv2d(out, kernel.view(1, 1, -1, 1))  # (N, 1, H, W)
-    out = out[:, :, :, _reflect_index(W, radius, maps.device)]  # (N, 1, H, W + 2r)
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1))  # (N, 1, H, W)
+    with torch.autocast("cuda" if maps.is_cuda else "cpu", enabled=False):  # (meta tensors: no autocast)
+        out = out[:, :, _reflect_index(H, radius, maps.device), :]  # (N, 1, H + 2r, W)
+        out = F.conv2d(out, kernel.view(1, 1, -1, 1))  # (N, 1, H, W)
+        out = out[:, :, :, _reflect_index(W, radius, maps.device)]  # (N, 1, H, W + 2r)
+        out = F.conv2d(out, kernel.view(1, 1, 1, -1))  # (N, 1, H, W)
     return out.reshape(*lead, H, W)
 
 
 def reconstruction_loss(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> torch.Tensor:
-    """Multi-scale MSE: sum over scales of mean((teacher - student)^2). Lists of S (N, C, h, w)."""
-    return sum(F.mse_loss(s, t) for t, s in zip(teacher, student))
+    """Multi-scale MSE: sum over scales of mean((teacher - student)^2), in float32 (the features may
+    be bf16 under autocast). Lists of S (N, C, h, w) -> scalar."""
+    return sum(F.mse_loss(s.float(), t.float()) for t, s in zip(teacher, student))
 
 
 # ----------------------------------------------------------------------------- frozen encoder
@@ -428,14 +464,21 @@ ENCODERS = {
 }
 
 
-def read_torch_file(path, what: str, kind: str, fix: str = "", error: type = ValueError):
+def encoder_channels(arch: str) -> tuple[int, int, int]:
+    """The channels of stages 1-3 of an ENCODERS ResNet: 64, 128, 256 for the BasicBlock ones
+    (resnet18, resnet34), four times as many for the Bottleneck one (wide_resnet50_2)."""
+    expansion = 4 if arch == "wide_resnet50_2" else 1
+    return (64 * expansion, 128 * expansion, 256 * expansion)
+
+
+def read_torch_file(path, what: str, kind: str, fix: str = ""):
     """torch.load(path) to the CPU with weights_only=True (tensors and plain containers, no code run).
-    A file torch cannot read raises `error` (train.py and eval.py pass data.UserError) with one line:
-    "<what>: not a readable <kind> (<exception type>)[; <fix>]"."""
+    A file torch cannot read raises ValueError with one line (the scripts print it as their other
+    errors): "<what>: not a readable <kind> (<exception type>)[; <fix>]"."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated, foreign or tampered file: torch raises many different types
-        raise error(f"{what}: not a readable {kind} ({type(e).__name__})" + (f"; {fix}" if fix else "")) from None
+        raise ValueError(f"{what}: not a readable {kind} ({type(e).__name__})" + (f"; {fix}" if fix else "")) from None
 
 
 def imagenet_file(arch: str) -> Path:
@@ -473,8 +516,7 @@ class FrozenEncoder(nn.Module):
                                  f"unexpected {unexpected[:3]}); give a torchvision/timm {arch} file")
         self.conv1, self.bn1, self.layer1, self.layer2, self.layer3 = \
             net.conv1, net.bn1, net.layer1, net.layer2, net.layer3
-        expansion = 4 if isinstance(self.layer1[0], Bottleneck) else 1
-        self.channels = (64 * expansion, 128 * expansion, 256 * expansion)  # stages 1-3
+        self.channels = encoder_channels(arch)  # stages 1-3
         self.register_buffer("bn_ready", torch.tensor(state is not None))
         self.requires_grad_(False)
         self.train(False)
@@ -736,14 +778,48 @@ class Decoder(nn.Module):
 # ----------------------------------------------------------------------------- config and model
 
 
+def check_field(cfg, name: str, ok: bool, allowed: str, paper: str) -> None:
+    """One step of a config's check (its `__post_init__` checks the fields one by one, in order, so
+    that a test may use fields checked before it): unless ok, a one-line ValueError naming the field,
+    its value, what it allows and the paper's or official value."""
+    if not ok:
+        raise ValueError(f"{name} {getattr(cfg, name)!r} must be {allowed}; {paper}")
+
+
+def is_count(value, least: int = 1) -> bool:
+    """Whether value is a whole number (not a bool) of at least `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_recipe(cfg, source: str) -> None:
+    """`check_field` for the optimiser's fields that MVADConfig and IDIFConfig share; source says
+    whose values the defaults are ("official", or where the paper is silent, whose we took)."""
+    check_field(cfg, "base_lr", cfg.base_lr > 0, "positive", f"{source}: 0.005")
+    check_field(cfg, "weight_decay", cfg.weight_decay >= 0, "at least 0 (0: no decay)", f"{source}: 1e-4")
+    check_field(cfg, "clip", cfg.clip > 0, "positive", f"{source}: 5")
+    check_field(cfg, "lr_decay_at", 0 < cfg.lr_decay_at <= 1, "in (0, 1] (1: not before the last epoch)",
+                f"{source}: 0.8")
+
+
 @dataclass
-class MVADConfig:
+class TrainingRecipe:
+    """The optimiser recipe that train.py applies to a trained method (AdamW, betas (0.9, 0.999)),
+    the fields its config shares; the values are the official MVAD code's
+    (lewandofskee/MVAD configs/mvad/mvad_realiad.py). A config without it (PatchCore) trains nothing."""
+    base_lr: float = 0.005  # rate per 16 images: lr = base_lr * images per step / 16 (ADer's rule); official: 0.005
+    weight_decay: float = 1e-4  # AdamW weight decay, on weights only (not biases and norms; 0: none); official: 1e-4
+    clip: float = 5.0  # gradient-norm clip; official: 5
+    lr_decay_at: float = 0.8  # the rate drops x0.1 after this share of the epochs; official: epoch 80 of 100
+
+
+@dataclass
+class MVADConfig(TrainingRecipe):
     backbone: str = "resnet34"  # frozen teacher: resnet34 (paper), resnet18, or wide_resnet50_2 (RD4AD's)
     weights: str = "auto"  # teacher weights: auto | imagenet | none | <path>; paper: ImageNet
     image_size: int = 256  # input height = width in pixels, a multiple of 32; paper: 256
     n_win: tuple[int, ...] = (14, 9, 6)  # MVAS windows per side a at the 3 scales; official: 14, 9, 6
     topk: int = 4  # windows of the other views each query window attends to (K); official: 4
-    blocks: tuple[int, ...] = (1, 2, 4)  # MVAS blocks at the 3 scales; official: 1, 2, 4
+    blocks: tuple[int, ...] = (1, 2, 4)  # MVAS blocks at the 3 scales (0: none at that scale); official: 1, 2, 4
     num_heads: int = 8  # attention heads in MVAS; official: 8
     mlp_ratio: int = 4  # hidden width of the block MLP, in multiples of C; official: 4
     dropout: float = 0.1  # dropout inside the block MLP; official: 0.1
@@ -751,11 +827,35 @@ class MVADConfig:
     loss_weight: float = 5.0  # multiplies the multi-scale MSE; official: 5 (ADer's L2Loss lam)
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly maps, pixels; official: 4
     mvas: bool = True  # the MVAS blocks; False: none at all, RD4AD (the "RD" column of the papers' tables)
-    # the optimiser (train.py): AdamW, betas (0.9, 0.999); official: configs/mvad/mvad_realiad.py
-    base_lr: float = 0.005  # rate per 16 images: lr = base_lr * images per step / 16 (ADer's rule); official: 0.005
-    weight_decay: float = 1e-4  # AdamW weight decay, on weights only (not biases and norms); official: 1e-4
-    clip: float = 5.0  # gradient-norm clip; official: 5
-    lr_decay_at: float = 0.8  # the rate drops x0.1 after this share of the epochs; official: epoch 80 of 100
+    # the optimiser: TrainingRecipe's fields (base_lr, weight_decay, clip, lr_decay_at), the official values
+
+    def __post_init__(self):
+        """Checks every field: a ValueError naming it, its value, its range and the official value."""
+        check_field(self, "backbone", self.backbone in ENCODERS, f"one of {', '.join(ENCODERS)}",
+                    "the paper uses resnet34")
+        check_field(self, "weights", isinstance(self.weights, str) and self.weights != "",
+                    "auto, imagenet, none or a file", "the paper: ImageNet")
+        check_field(self, "image_size", is_count(self.image_size) and self.image_size % 32 == 0,
+                    "a multiple of 32 for MVAD (--image-size)", "official: 256")
+        sides = [self.image_size // stride for stride in (4, 8, 16)]  # h_s, the feature maps' sides
+        fits = len(self.n_win) == 3 and all(is_count(a) and a <= h for a, h in zip(self.n_win, sides))
+        check_field(self, "n_win", fits, f"3 window counts (one per scale), each from 1 to its scale's feature "
+                    f"side ({', '.join(map(str, sides))} at image_size {self.image_size})", "official: 14, 9, 6")
+        check_field(self, "topk", is_count(self.topk), "at least 1 (one above the candidate windows is clamped)",
+                    "official: 4")
+        check_field(self, "blocks", len(self.blocks) == 3 and all(is_count(n, least=0) for n in self.blocks),
+                    "3 block counts (one per scale), each at least 0", "official: 1, 2, 4")
+        channels = encoder_channels(self.backbone)
+        check_field(self, "num_heads", is_count(self.num_heads) and all(c % self.num_heads == 0 for c in channels),
+                    f"a divisor of every scale's channel count ({', '.join(map(str, channels))} for "
+                    f"{self.backbone})", "official: 8")
+        check_field(self, "mlp_ratio", is_count(self.mlp_ratio), "at least 1", "official: 4")
+        check_field(self, "dropout", 0 <= self.dropout < 1, "in [0, 1)", "official: 0.1")
+        check_field(self, "drop_path", 0 <= self.drop_path < 1, "in [0, 1)", "official: 0.1")
+        check_field(self, "loss_weight", self.loss_weight > 0, "positive", "official: 5")
+        check_field(self, "blur_sigma", self.blur_sigma > 0, "positive", "official: 4")
+        check_field(self, "mvas", isinstance(self.mvas, bool), "true or false", "the paper: true")
+        check_recipe(self, "official")
 
 
 class MVAD(nn.Module):
@@ -763,11 +863,6 @@ class MVAD(nn.Module):
 
     def __init__(self, cfg: MVADConfig):
         super().__init__()
-        if cfg.image_size % 32 or cfg.image_size < 32:
-            raise ValueError(f"--image-size {cfg.image_size}: MVAD needs a multiple of 32 (official: 256)")
-        if not len(cfg.n_win) == len(cfg.blocks) == 3:
-            raise ValueError(f"MVAD needs 3 values for n_win and blocks (one per scale), "
-                             f"got {cfg.n_win}, {cfg.blocks}")
         self.cfg = cfg
         self.encoder = FrozenEncoder(cfg.backbone, cfg.weights)
         channels = self.encoder.channels  # (64, 128, 256) for ResNet18/34

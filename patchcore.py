@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mvad import FrozenEncoder, gaussian_blur
+from mvad import ENCODERS, FrozenEncoder, check_field, gaussian_blur, is_count
 
 # ----------------------------------------------------------------------------- features, pure functions
 
@@ -168,21 +168,30 @@ class PatchCoreConfig:
     per_camera: bool = True  # one bank per camera, not one over all views (paper: single-view; see above)
     blur_sigma: float = 4.0  # Gaussian smoothing of the anomaly maps in pixels (paper: 4)
 
+    def __post_init__(self):
+        """Checks every field: a ValueError naming it, its value, its range and the paper's value."""
+        check_field(self, "backbone", self.backbone in ENCODERS, f"one of {', '.join(ENCODERS)}",
+                    "the paper uses wide_resnet50_2")
+        check_field(self, "weights", isinstance(self.weights, str) and self.weights != "",
+                    "auto, imagenet, none or a file", "the paper: ImageNet")
+        check_field(self, "image_size", is_count(self.image_size) and self.image_size % 16 == 0,
+                    "a multiple of 16 for PatchCore (stage 3 is H/16; --image-size)", "the paper uses 256")
+        check_field(self, "patch_size", is_count(self.patch_size) and self.patch_size % 2 == 1,
+                    "odd and positive (centred on its patch)", "the paper uses 3")
+        check_field(self, "width", is_count(self.width), "at least 1", "the paper uses 1024")
+        check_field(self, "coreset_fraction", 0 < self.coreset_fraction <= 1, "in (0, 1]",
+                    "the paper uses 0.1 or 0.01")
+        check_field(self, "projection_dim", is_count(self.projection_dim), "at least 1", "the paper uses 128")
+        check_field(self, "per_camera", isinstance(self.per_camera, bool), "true or false",
+                    "the paper: single-view, one bank per camera here")
+        check_field(self, "blur_sigma", self.blur_sigma > 0, "positive", "the paper uses 4")
+
 
 class PatchCore(nn.Module):
     """Frozen encoder -> locally aware patch features -> nearest neighbour in a coreset memory bank."""
 
     def __init__(self, cfg: PatchCoreConfig):
         super().__init__()
-        if not 0 < cfg.coreset_fraction <= 1:
-            raise ValueError(f"coreset_fraction {cfg.coreset_fraction} must be in (0, 1]; "
-                             "the paper uses 0.1 or 0.01")
-        if cfg.patch_size < 1 or cfg.patch_size % 2 == 0 or cfg.width < 1 or cfg.projection_dim < 1:
-            raise ValueError(f"patch_size {cfg.patch_size} must be odd, width {cfg.width} and projection_dim "
-                             f"{cfg.projection_dim} positive (paper: 3, 1024, 128)")
-        if cfg.image_size % 16 or cfg.image_size < 16:
-            raise ValueError(f"image_size {cfg.image_size} must be a multiple of 16 for PatchCore "
-                             "(stage 3 is H/16)")
         self.cfg = cfg
         self.encoder = FrozenEncoder(cfg.backbone, cfg.weights)
         # (G, E, D): G = 1 bank over all views, or one per camera; empty until fit

@@ -9,11 +9,12 @@
 
 One loop serves both methods: a batch is (B, V, 3, H, W), the last partial one dropped as in the
 official code (`fit_batch`); MVAD's loss needs only the clean views, IDIF's also the
-pseudo-anomalous ones (data.PseudoAnomalies). The optimiser recipe is in each method's config
-(MVADConfig / IDIFConfig: base_lr, weight_decay, clip, lr_decay_at). PatchCore (patchcore.py) is
-training-free: one pass over the training images fills its memory bank, saved in last.pt. After
-the last epoch (or the fit) the run is evaluated by eval.py's `main` (metrics.json, metrics.md and
-pictures in --out); a run whose settings are not the papers' says so in one line (eval.protocol_note).
+pseudo-anomalous ones (data.PseudoAnomalies). The optimiser recipe is in each method's config (the
+fields of mvad.TrainingRecipe in MVADConfig / IDIFConfig: base_lr, weight_decay, clip, lr_decay_at).
+PatchCore (patchcore.py) is training-free: one pass over the training images fills its memory bank,
+saved in last.pt. After the last epoch (or the fit) the run is evaluated by eval.py's `main`
+(metrics.json, metrics.md and pictures in --out); a run whose settings are not the papers' says so in
+one line (eval.protocol_note).
 
 Profiles: with a GPU the defaults are the papers' settings (256x256, batch 8 samples, 100 epochs);
 on a CPU a small profile (`PROFILES["cpu"]`: 128x128, batch 4, 15 epochs, per-camera score
@@ -47,10 +48,11 @@ from tqdm import tqdm
 
 import data
 import synthetic
-from eval import (METHODS, PAPER_SETTINGS, PRECISIONS, EvalConfig, autocast, category_list, compile_model,
-                  distributed_context, distributed_run, place, protocol_note, resolve_device, setup_process)
+from eval import PAPER_SETTINGS, EvalConfig, category_list, protocol_note
 from eval import main as evaluate_run
-from mvad import FrozenEncoder, read_torch_file
+from mvad import FrozenEncoder, TrainingRecipe, read_torch_file
+from runtime import (METHODS, PRECISIONS, autocast, compile_model, distributed_context, distributed_run, place,
+                     resolve_device, resolve_precision, setup_process)
 
 # The defaults that depend on the hardware: "gpu" is the papers' setting (MVAD's official
 # configs/mvad/mvad_realiad.py; the IDIF paper's 256 px, batch 8); "cpu" trains and evaluates the
@@ -92,7 +94,8 @@ class TrainConfig:
     workers: int = 0  # DataLoader worker processes
     threads: int | None = None  # torch CPU threads; None: torch's default (the cores)
     compile: bool = False  # torch.compile the model (on a GPU with CUDA graphs: mode reduce-overhead)
-    precision: str = "fp32"  # fp32 | bf16: bf16 autocast of the forward passes (training and evaluation)
+    precision: str = "auto"  # auto | fp32 | bf16: bf16 autocast of the forward passes (training and evaluation);
+    # auto: bf16 where the device computes it natively (runtime.resolve_precision)
     resume: bool = False  # continue from <out>/last.pt with the run's stored settings
     evaluate: bool = True  # evaluate the last checkpoint on the test split after training
     export_adeval: str | None = None  # the evaluation also writes ADEval's input here (eval.py --export-adeval)
@@ -182,8 +185,9 @@ def check_writable(out: Path) -> None:
 
 
 def training_free(method: str) -> bool:
-    """True for PatchCore, whose config has no optimiser: one pass over the training images fills its memory bank."""
-    return not hasattr(METHODS[method][0], "base_lr")
+    """True for PatchCore, whose config has no optimiser recipe: one pass over the training images fills its
+    memory bank."""
+    return not issubclass(METHODS[method][0], TrainingRecipe)
 
 
 def build_optimizer(model: torch.nn.Module, model_cfg, lr: float) -> torch.optim.AdamW:
@@ -246,8 +250,7 @@ def save_atomically(state: dict, path: Path) -> None:
 
 def load_checkpoint(path: Path, method: str | None = None) -> dict:
     """Reads a run's last.pt, with one-line errors for a corrupt file or another method's run."""
-    state = read_torch_file(path, str(path), "checkpoint", "delete it, or start a new run without --resume",
-                            data.UserError)
+    state = read_torch_file(path, str(path), "checkpoint", "delete it, or start a new run without --resume")
     if method is not None and state.get("method") != method:
         raise data.UserError(f"{path} holds a {state.get('method')!r} run, not {method!r}; "
                              "use the same --method or another --out")
@@ -398,14 +401,16 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
 
 def prepare_data(cfg: TrainConfig, world: int, device: torch.device, log) -> tuple:
     """Says the run's settings in one line, finds the data (Real-IAD, else the synthetic set), reads the
-    training split and fits the batch to it. Returns (the config with its data root, the split)."""
+    training split and fits the batch to it. Returns (the config with its data root and its precision
+    resolved, "fp32" or "bf16"; the split)."""
     profile = "gpu (the papers' settings)" if device.type == "cuda" else "cpu (small and quick)"
     schedule = "training-free" if training_free(cfg.method) else f"{cfg.epochs} epochs"
+    precision, why = resolve_precision(cfg.precision, device)
     log(f"{cfg.method} on {cfg.category}: {profile} profile: image {cfg.image_size}, batch "
         f"{cfg.batch_size}, {schedule}, view-norm {'on' if cfg.view_norm else 'off'}, device {device}, "
-        f"{world} process(es)")
+        f"{world} process(es), precision {precision} ({why})")
     root = data_root_for(cfg, log)
-    cfg = dataclasses.replace(cfg, data_root=str(root))  # eval.py reads the same folder
+    cfg = dataclasses.replace(cfg, data_root=str(root), precision=precision)  # eval.py reads the same folder
     train_set = training_set(cfg, root)
     return fit_batch(cfg, len(train_set), world, log), train_set
 
@@ -466,7 +471,7 @@ def training_loader(cfg: TrainConfig, train_set, rank: int, world: int, device: 
 def train_epoch(cfg: TrainConfig, net, model, optimizer, loader: DataLoader, epoch: int, rank: int, world: int,
                 device: torch.device, clip: float) -> dict:
     """One epoch, every random draw seeded from (seed, epoch, rank). Returns its history entry: the
-    epoch, the mean loss and parts, seconds, samples/s and the learning rate it trained with."""
+    epoch, the mean loss and parts, seconds, samples/s, the learning rate and the precision it trained with."""
     loader.sampler.set_epoch(epoch)
     if cfg.method == "idif":
         loader.dataset.set_epoch(epoch)  # the pseudo-anomalies
@@ -484,12 +489,12 @@ def train_epoch(cfg: TrainConfig, net, model, optimizer, loader: DataLoader, epo
     means = {name: total / len(loader) for name, total in sums.items()}  # loss and its parts
     return {"epoch": epoch + 1, **means, "seconds": seconds,
             "samples_per_s": len(loader) * cfg.batch_size / seconds,  # samples trained: full batches
-            "lr": optimizer.param_groups[0]["lr"]}  # the rate this epoch trained with
+            "lr": optimizer.param_groups[0]["lr"], "precision": cfg.precision}  # what this epoch trained with
 
 
 def epoch_summary(entry: dict) -> str:
     """The epoch's line: the mean loss and its parts, seconds, samples/s."""
-    parts = {k: v for k, v in entry.items() if k not in ("epoch", "seconds", "samples_per_s", "lr")}
+    parts = {k: v for k, v in entry.items() if k not in ("epoch", "seconds", "samples_per_s", "lr", "precision")}
     return ("  ".join(f"{k} {v:.4f}" for k, v in parts.items())
             + f"  {entry['seconds']:.1f} s  {entry['samples_per_s']:.1f} samples/s")
 
@@ -576,7 +581,8 @@ def parse_args(argv=None) -> TrainConfig:
                    help="torch CPU threads (default: torch's, the cores)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
-                   help="bf16: bf16 autocast in training and evaluation (fp32 weights and optimizer)")
+                   help="bf16: bf16 autocast in training and evaluation (fp32 weights and optimizer); auto: bf16 "
+                        "where the device computes bf16 natively (AMX-BF16 or AVX512-BF16 CPU, Ampere+ GPU)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the evaluation")
     p.add_argument("--export-adeval", default=d.export_adeval, metavar="FILE",

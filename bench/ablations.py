@@ -42,6 +42,7 @@ import torch
 import common  # before the project's modules: it puts the repository root on sys.path
 import data
 import eval as evaluation
+import runtime
 import train
 
 # name -> (row label, method, config fields set)
@@ -72,7 +73,7 @@ def check_variants(names: list[str]) -> None:
         if name not in VARIANTS:
             raise data.UserError(f"--variants {name}: unknown; choose from {', '.join(VARIANTS)}")
         _, method, fields = VARIANTS[name]
-        config_class = evaluation.METHODS[method][0]
+        config_class = runtime.METHODS[method][0]
         missing = sorted(set(fields) - {f.name for f in dataclasses.fields(config_class)})
         if missing:
             raise data.UserError(f"--variants {name}: {config_class.__name__} has no field {', '.join(missing)} "
@@ -80,14 +81,16 @@ def check_variants(names: list[str]) -> None:
 
 
 def base_config(args, method: str = "mvad", **changes) -> train.TrainConfig:
-    """train.py's config of one run: the profile, --quick's sizes, --epochs, --data-root, --device."""
+    """train.py's config of one run: the profile, --quick's sizes, --epochs, --data-root, --device; in
+    float32 on every machine (train.py's auto would choose bf16 on some): the variants compare at one
+    precision, and the committed tables were made in float32."""
     quick = {**QUICK, "model": dict(QUICK_MODEL[method])} if args.quick else {}
-    cfg = train.TrainConfig(method=method, data_root=args.data_root, device=args.device, **quick)
+    cfg = train.TrainConfig(method=method, data_root=args.data_root, device=args.device, precision="fp32", **quick)
     if args.epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=args.epochs)
     if cfg.image_size is None:  # one size for every method, as the tables compare them (train.py's CPU
         # default for MVAD alone is 96 px: train.CPU_METHOD_PROFILES); the profile's shared size
-        shared = train.profile_for(evaluation.resolve_device(args.device))
+        shared = train.profile_for(runtime.resolve_device(args.device))
         cfg = dataclasses.replace(cfg, image_size=shared["image_size"])
     return dataclasses.replace(cfg, **changes)
 
@@ -134,7 +137,7 @@ def missing_view_curve(model, run: dict, device: str, view_stats: dict | None, d
         {"K": [{"draw", "positives" (defective samples left), "sample_auroc", ...} per draw]}, K as a
         string (as JSON keeps it).
     """
-    model = evaluation.place(model, device)
+    model = runtime.place(model, device)
     test_set = data.RealIAD(run["data_root"], evaluation.category_list(run["category"]), "test",
                             image_size=run["image_size"])
     curve = {}
@@ -174,7 +177,7 @@ def one_run(args, settings: dict, variant: str, category: str, seed: int) -> dic
         trained = time.perf_counter()
         checkpoint = folder / "last.pt"
         metrics = evaluation.main(evaluation.EvalConfig(checkpoint=str(checkpoint), device=settings["device"],
-                                                        view_norm=settings["view_norm"],
+                                                        view_norm=settings["view_norm"], precision=cfg.precision,
                                                         num_figures=0 if args.quick else 4))
         evaluated = time.perf_counter()
         model, state = evaluation.load_model(str(checkpoint))

@@ -10,12 +10,17 @@ Tables:
    forward + backward for the query only (as in MVAD's training: the other views are the frozen
    encoder's features). The two run side by side, interleaved (`common.interleaved_median_seconds`),
    in a process of their own, once with glibc's default allocator and once with the freed memory kept
-   for reuse as train.py and eval.py run (`eval.reuse_freed_memory`); the largest output and gradient
+   for reuse as train.py and eval.py run (`runtime.reuse_freed_memory`); the largest output and gradient
    differences are printed beside the times.
 0b. MVAS's windowed attention alone at the same size (no routing, gather or copies): by the formula, by
    PyTorch's fused kernel, and by a chunked flash-style autograd function (`ChunkedAttention`, an
    experiment); forward, and forward + backward for the query; with the time of torch.exp over as many
    logits and the rate of their `bmm` against a large torch.mm: the floor a faster MVAS meets here.
+0c. the two kernels of `mvad.windowed_attention` with gradients, the formula and PyTorch's fused kernel,
+   forward + backward for the query (as MVAD trains its later blocks: the key/value windows are the
+   frozen encoder's features), at the window geometry of every MVAD scale (official n_win 14, 9, 6,
+   top-4, 8 heads) at 96, 128 and 256 px input (--quick: 96), a CPU training batch of 4 samples x 5
+   views, the two interleaved (median of --repeats + 4): which one a size rule would pick where.
 1. one query view against 4 other views, 8 heads, no gradients, feature side 16, 32, 64, 128 x channels
    64, 128, 256, top-K 4: MVAS (`mvad.mvas_attention`), dense cross-attention through PyTorch's fused
    attention (`mvad.full_cross_attention`) and by the naive formula (`mvad.full_cross_attention_reference`,
@@ -43,8 +48,8 @@ import torch
 import torch.nn.functional as F
 
 import common  # before the project's modules: it puts the repository root on sys.path
-import eval as project_eval
 import mvad
+import runtime
 
 OTHER_VIEWS = 4  # V - 1 key/value views of a 5-view Real-IAD sample
 TOPK, HEADS = 4, 8  # the official top-K and MVAS heads
@@ -66,7 +71,7 @@ def dense_bytes(size: int) -> int:
 def before_after_case(device, reuse_memory: bool, size: int, repeats: int) -> dict:
     """Table 0 in one process: median seconds of both versions, and their largest differences."""
     if reuse_memory:
-        project_eval.reuse_freed_memory()
+        runtime.reuse_freed_memory()
     g = torch.Generator().manual_seed(0)
     query = torch.randn(QUERY_VIEWS, size, size, 64, generator=g).to(device)  # (N, H, W, C)
     others = torch.randn(QUERY_VIEWS, OTHER_VIEWS, size, size, 64, generator=g).to(device)  # (N, V-1, H, W, C)
@@ -159,7 +164,7 @@ def attention_alone_case(device, repeats: int, quick: bool) -> dict:
     """Table 0b in one process (freed memory reused, as train.py): MVAS's windowed attention at
     scale 0 without routing, gather or copies, three ways, forward and forward + backward for the
     query; and the two operations its time goes to, against the machine's large matrix product."""
-    project_eval.reuse_freed_memory()
+    runtime.reuse_freed_memory()
     size, C, a, k = (32 if quick else SCALE_0["size"]), 64, SCALE_0["n_win"], SCALE_0["topk"]
     th, tw, rows, cols = mvad.window_grid(size, size, a)
     W, T, d = QUERY_VIEWS * rows * cols * HEADS, th * tw, C // HEADS  # windows x heads, tokens, channels
@@ -205,6 +210,50 @@ def attention_alone(args) -> dict:
     print(f"its {r['windows'] * r['queries'] * r['keys']:,} exponentials: {1e3 * r['exp_s']:.1f} ms by torch.exp; "
           f"its logits by bmm: {r['bmm_gflops']:.0f} GFLOP/s, a 2048 x 2048 torch.mm: {r['mm_gflops']:.0f} GFLOP/s")
     return r
+
+
+def kernel_sizes_case(device, repeats: int, quick: bool) -> list[dict]:
+    """Table 0c in one process (freed memory reused, as train.py): the formula against the fused kernel
+    with gradients for the query, at every MVAD scale's window geometry."""
+    runtime.reuse_freed_memory()
+    cfg, rows = mvad.MVADConfig(), []
+    for image_size in (96,) if quick else (96, 128, 256):
+        for scale, (C, n_win) in enumerate(zip((64, 128, 256), cfg.n_win)):  # resnet34's channels
+            side = image_size // 4 // 2**scale
+            th, tw, window_rows, window_cols = mvad.window_grid(side, side, n_win)
+            T, d = th * tw, C // cfg.num_heads
+            W = 4 * 5 * window_rows * window_cols * cfg.num_heads  # windows x heads of the batch's query views
+            g = torch.Generator().manual_seed(0)
+            q = torch.randn(W, 1, T, d, generator=g).to(device).requires_grad_()
+            kv = torch.randn(W, 1, cfg.topk * T, d, generator=g).to(device)
+            grad = torch.randn(W, 1, T, d, generator=g).to(device)
+            ways = {"formula": lambda: ((q * C**-0.5) @ kv.transpose(-2, -1)).softmax(-1) @ kv,
+                    "fused": lambda: F.scaled_dot_product_attention(q, kv, kv, scale=C**-0.5)}
+            outputs = {name: (way(), torch.autograd.grad(way(), q, grad)[0]) for name, way in ways.items()}
+            difference = max((a - b).abs().max().item() for a, b in zip(outputs["formula"], outputs["fused"]))
+            seconds = common.interleaved_median_seconds(
+                {name: lambda way=way: torch.autograd.grad(way(), q, grad) for name, way in ways.items()},
+                device, repeats=repeats)
+            rows.append({"image_size": image_size, "scale": scale, "side": side, "n_win": n_win, "tokens": T,
+                         "keys": cfg.topk * T, "channels": d, "windows": W, **seconds, "max_difference": difference})
+    return rows
+
+
+def kernel_sizes(args) -> list[dict]:
+    """Table 0c: the formula against the fused kernel with gradients, by window size."""
+    rows = common.run_isolated(kernel_sizes_case, args.device, repeats=args.repeats + 4, quick=args.quick)
+    if isinstance(rows, dict):  # the child process died
+        print(f"table 0c: {rows['error']}")
+        return []
+    common.print_table(
+        f"MVAS's windowed attention with gradients for the query, by window size, {args.device}, a batch of 4 "
+        f"samples x 5 views, median of {args.repeats + 4} interleaved calls",
+        ["input px", "scale", "side", "n_win", "tokens", "keys", "channels", "windows x heads", "formula ms",
+         "fused ms", "fused / formula", "max |difference|"],
+        [[str(r["image_size"]), str(r["scale"]), str(r["side"]), str(r["n_win"]), str(r["tokens"]), str(r["keys"]),
+          str(r["channels"]), f"{r['windows']:,}", f"{1e3 * r['formula']:.1f}", f"{1e3 * r['fused']:.1f}",
+          f"{r['fused'] / r['formula']:.2f}", f"{r['max_difference']:.1e}"] for r in rows])
+    return rows
 
 
 # ----------------------------------------------------------------------------- 1, 2. MVAS against dense
@@ -296,6 +345,7 @@ def main() -> int:
 
     before = before_after(args)
     alone = attention_alone(args)
+    kernels = kernel_sizes(args)
     grid = grid_table(args, sizes, channels)
     sweep = sweep_table(args, n_wins, topks)
     if args.device == "cpu":
@@ -314,8 +364,8 @@ def main() -> int:
         verdict = "PASS" if speedup >= SPEEDUP_NEEDED else "FAIL"
     print(f"\nofficial scale 0 (64x64, C = 64, n_win 14, K = 4, 4 other views): fused dense / MVAS time = "
           f"{ratio(d, m)} (FLOPs: {d['flops'] / m['flops']:.0f}x); needs >= {SPEEDUP_NEEDED:.0f}x: {verdict}")
-    common.write_json("attention", args, {"before_after": before, "attention_alone": alone, "grid": grid,
-                                          "sweep": sweep,
+    common.write_json("attention", args, {"before_after": before, "attention_alone": alone,
+                                          "kernel_sizes": kernels, "grid": grid, "sweep": sweep,
                                           "scale_0": {"speedup": speedup, "verdict": verdict}})
     return 1 if verdict == "FAIL" else 0
 

@@ -25,8 +25,8 @@ from multiprocessing import get_context
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# bench/data.py and bench/train.py have the names of the project's data.py and train.py: the project
-# root goes first on sys.path, so that `import data` and `import train` find the project's modules
+# bench/data.py, bench/metrics.py and bench/train.py have the names of the project's data.py, metrics.py
+# and train.py: the project root goes first on sys.path, so that `import data` finds the project's modules
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402

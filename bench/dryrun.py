@@ -10,7 +10,7 @@ category names of the synthetic data, each phase timed and each process's peak m
    variables RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; gloo on CPUs), each with
    cores / N torch threads. Each process:
    a. load: reads its share of one training epoch (the global batch split as train.py splits it,
-      through the same DistributedSampler) and its shard of the test split (`eval.shard`) through a
+      through the same DistributedSampler) and its shard of the test split (`runtime.shard`) through a
       DataLoader, without the model: the cost of reading and decoding the images;
    b. runs `train.main` (the command `torchrun ... train.py --category all ...`), which trains and then
       evaluates every process's shard. Timed inside: the random-init encoder's calibration (rank 0),
@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Subset
 import common  # before the project's modules: it puts the repository root on sys.path
 import data
 import eval as evaluation
+import runtime
 import synthetic
 import train
 
@@ -72,7 +73,7 @@ def load_seconds(cfg: train.TrainConfig, rank: int, world: int) -> dict:
     train_set = train.training_set(cfg, Path(cfg.data_root))
     test_set = data.RealIAD(cfg.data_root, cfg.category, "test", image_size=cfg.image_size)
     shares = {"train": train.training_loader(cfg, train_set, rank, world, torch.device("cpu")),  # as train.py reads
-              "test": DataLoader(Subset(test_set, evaluation.shard(len(test_set), rank, world)), batch_size=8)}
+              "test": DataLoader(Subset(test_set, runtime.shard(len(test_set), rank, world)), batch_size=8)}
     seconds, samples = {}, {}
     for split, loader in shares.items():
         started, samples[split] = time.perf_counter(), 0
@@ -145,7 +146,7 @@ def step_memory(device, method: str, samples: int) -> dict:
 def main() -> None:
     p = common.arguments(__doc__)
     p.add_argument("--processes", type=int, default=2, help="processes (torchrun's --nproc_per_node)")
-    p.add_argument("--method", default="mvad", choices=list(evaluation.METHODS))
+    p.add_argument("--method", default="mvad", choices=list(runtime.METHODS))
     p.add_argument("--category", default="all", help="synthetic categories: all, or a comma list")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--image-size", type=int, default=128, help="the model's input (train.py's CPU profile: 128)")

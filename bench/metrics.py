@@ -1,4 +1,4 @@
-"""Pixel AUROC and AP: eval.PixelMetrics (streaming histograms) against scikit-learn (exact, in memory).
+"""Pixel AUROC and AP: metrics.PixelMetrics (streaming histograms) against scikit-learn (exact, in memory).
 
     python bench/metrics.py [--quick] [--out bench/results] [--max-sklearn-gib 6]
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import common  # before the project's modules: it puts the repository root on sys.path
-from eval import PixelMetrics
+from metrics import PixelMetrics
 
 SIDE = 256  # map side in pixels (eval at 256 x 256)
 CHUNK = 40  # maps per update: one eval.py batch of 8 samples x 5 views
@@ -118,7 +118,7 @@ def main() -> None:
             row += [sk.get("skipped") or sk["error"], "", "", f"{pm['bound_auroc']:.1e}", "", f"{pm['bound_ap']:.1e}"]
         rows.append(row)
     common.print_table(
-        f"Pixel AUROC and AP on {SIDE}x{SIDE} maps: eval.PixelMetrics (2^16 bins, chunks of {CHUNK} maps) "
+        f"Pixel AUROC and AP on {SIDE}x{SIDE} maps: metrics.PixelMetrics (2^16 bins, chunks of {CHUNK} maps) "
         "vs scikit-learn, CPU, one pass each",
         ["maps", "Mpixels", "AUROC", "AP", "PixelMetrics s", "PixelMetrics MiB", "sklearn s", "sklearn MiB",
          "|dAUROC|", "AUROC bound", "|dAP|", "AP bound"], rows)

@@ -8,7 +8,7 @@ learning-rate rule, AdamW) and `train.train_step` (loss, backward, gradient clip
 pieces train.py's loop is made of. Data: one batch of the synthetic zipper
 train split (40 samples; IDIF's with pseudo-anomalies), loaded once and reused, so the figures are
 compute only (bench/data.py measures loading). Sizes: 128 px (batch 4) and 256 px (batch 2) on a CPU,
-batch 8 (the papers') on CUDA; --quick: 64 px, batch 2.
+batch 8 (the papers') on CUDA; --quick: 96 px (the smallest side MVAD's official windows fit), batch 2.
 
 1. Throughput: median step time over 10 steps after 2 warm-up steps (--quick: 2 after 1); samples/s;
    seconds per epoch = steps per epoch x step time.
@@ -32,10 +32,10 @@ from collections import defaultdict
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
-from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 import common  # before the project's modules: it puts the repository root on sys.path
+import mvad
 import synthetic
 import train
 
@@ -60,7 +60,7 @@ TRAIN_SAMPLES = 40  # the synthetic zipper train split
 
 def build(method: str, image_size: int, batch_size: int, device: str, layout: str = "train.py"):
     """Model, optimizer and one batch, as train.run builds them; layout "contiguous" keeps the default
-    memory format where train.py would use channels-last (eval.place), for the before/after."""
+    memory format where train.py would use channels-last (runtime.place), for the before/after."""
     cfg = train.resolve(train.TrainConfig(method=method, image_size=image_size, batch_size=batch_size,
                                           weights="none", device=device))
     dataset = train.training_set(cfg, synthetic.synthetic_root("zipper"))
@@ -166,21 +166,12 @@ class PartTimer:
 # ----------------------------------------------------------------------------- FLOPs and peak
 
 
-# torch 2.14's FlopCounterMode has formulas for the fused attention on CUDA, not for its CPU kernel
-# (MVAS's windowed attention runs there): the same counts, by the same functions
-CPU_ATTENTION_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-        lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(q, k, v),
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda grad, q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(grad, q, k, v),
-}
-
-
 def count_flops(model, optimizer, batch, method: str, device: str) -> tuple[int, dict]:
-    """(FLOPs of one forward + backward, forward FLOPs per qualified submodule name)."""
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as forward_only:
+    """(FLOPs of one forward + backward, forward FLOPs per qualified submodule name), the fused
+    attention's CPU kernel included (mvad.CPU_ATTENTION_FLOPS, which FlopCounterMode lacks)."""
+    with FlopCounterMode(display=False, custom_mapping=mvad.CPU_ATTENTION_FLOPS) as forward_only:
         train.training_loss(model, batch, method, torch.device(device))
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as both:
+    with FlopCounterMode(display=False, custom_mapping=mvad.CPU_ATTENTION_FLOPS) as both:
         train.training_loss(model, batch, method, torch.device(device))["loss"].backward()
     optimizer.zero_grad(set_to_none=True)
     prefix = type(model).__name__ + "."
@@ -233,7 +224,7 @@ def benchmark(method: str, image_size: int, batch_size: int, args, steps: int, w
 def main() -> None:
     args = common.parse(common.arguments(__doc__))
     if args.quick:
-        sizes, steps, warmup, profiled, mm_side = ((64, 2),), 2, 1, 1, 2048
+        sizes, steps, warmup, profiled, mm_side = ((96, 2),), 2, 1, 1, 2048
     else:
         sizes = ((128, 8), (256, 8)) if args.device == "cuda" else ((128, 4), (256, 2))
         steps, warmup, profiled, mm_side = 10, 2, 3, 4096
@@ -251,7 +242,7 @@ def main() -> None:
                          f"{1e3 * r['step_s_contiguous']:.0f}", f"{1e3 * r['step_s']:.0f}",
                          f"{r['samples_per_s']:.2f}", f"{r['epoch_s']:.1f}", f"{r['flops'] / 1e9:.1f}",
                          f"{r['flops_per_s'] / 1e9:.1f}", f"{r['flops_per_s'] / peak:.0%}"] for r in runs])
-    print("contiguous ms: the step in the default memory format; step ms: as train.py runs it (eval.place: "
+    print("contiguous ms: the step in the default memory format; step ms: as train.py runs it (runtime.place: "
           "channels-last on a CPU). GFLOP/step: forward + backward as FlopCounterMode counts them; GFLOP/s: "
           "that over the whole step (optimizer included)")
     if args.device == "cuda":

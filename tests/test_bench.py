@@ -28,7 +28,7 @@ def bench_train():
 
 @pytest.mark.parametrize("method", ["mvad", "idif"])
 def test_every_timed_part_is_a_submodule_of_the_model(bench_train, method):
-    cfg = train.resolve(train.TrainConfig(method=method, image_size=64, batch_size=2, weights="none", device="cpu"))
+    cfg = train.resolve(train.TrainConfig(method=method, image_size=96, batch_size=2, weights="none", device="cpu"))
     _, model, _ = train.build_model(cfg, 5, torch.device("cpu"))
     for _, _, names in bench_train.PARTS[method]:
         for name in names:

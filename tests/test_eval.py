@@ -22,11 +22,13 @@ from torch.testing import assert_close
 
 import data
 import synthetic
-from eval import (ADEVAL_SAMPLE_KEY, LEVEL_KEYS, ADEvalExport, EvalConfig, adeval_argv, camera_statistics, cli,
+from eval import (ADEVAL_SAMPLE_KEY, ADEvalExport, EvalConfig, adeval_argv, camera_statistics, cli,
                   drop_views_mask, evaluate, find_data_root, format_table, load_model, main, predict_image)
-from eval import connected_components as eval_connected_components
 from idif import IDIF, IDIFConfig
+from metrics import LEVEL_KEYS, connected_components, image_scores
 from mvad import MVAD, MVADConfig
+from patchcore import PatchCore, PatchCoreConfig
+from runtime import accelerate, autocast
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -65,7 +67,8 @@ def check_metrics(metrics: dict) -> None:
             assert 0.0 <= metrics[level][key] <= 1.0, (level, key)
 
 
-def test_main_writes_metrics_table_and_pictures(synthetic_root, tmp_path, capsys):
+def test_main_writes_metrics_table_and_pictures(synthetic_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})  # auto: bf16
     checkpoint = save_checkpoint(tmp_path / "last.pt", "mvad", synthetic_root)
     metrics = main(EvalConfig(checkpoint=str(checkpoint), batch_size=4, device="cpu", num_figures=2,
                               export_adeval=str(tmp_path / "export" / "adeval.pkl")))
@@ -73,6 +76,7 @@ def test_main_writes_metrics_table_and_pictures(synthetic_root, tmp_path, capsys
     assert "per_category" not in metrics
     settings = metrics["settings"]
     assert (settings["method"], settings["samples"], settings["views"], settings["drop_views"]) == ("mvad", 5, 5, 0)
+    assert (settings["device"], settings["world_size"], settings["precision"]) == ("cpu", 1, "bf16")
     assert all(0 <= v <= 1e-3 for v in metrics["pixel_error_bound"].values())
 
     written = json.loads((tmp_path / "metrics.json").read_text())
@@ -84,6 +88,8 @@ def test_main_writes_metrics_table_and_pictures(synthetic_root, tmp_path, capsys
     pixel, bound = metrics["pixel"], metrics["pixel_error_bound"]
     assert pixel["f1_max_ader"] <= pixel["f1_max"] + bound["f1_max_ader"] + bound["f1_max"]
     assert "Not the papers' settings: image size 64 (papers: 256); epochs 0 (papers: 100)." in table
+    assert table.startswith("mvad on zipper: 5 test samples, drop_views 0, view_norm False, precision bf16 (auto: "
+                            "the CPU has AMX_BF16)")
     assert "The papers' protocol: python train.py --method mvad --category zipper --data-root " in table
     decision = written["predict"]["zipper"]  # what `eval.py predict` applies
     assert decision["view_stats"] is None and decision["map_range"][0] < decision["map_range"][1]
@@ -165,7 +171,7 @@ def test_adeval_agrees_with_our_metrics(synthetic_root, tmp_path):
     samples = sorted(set(keys))
     sample_scores = np.array([max(s for s, k in zip(scores, keys) if k == key) for key in samples])
     sample_labels = np.array([any(masks[i].any() for i, k in enumerate(keys) if k == key) for key in samples])
-    regions = eval_connected_components(masks)  # (N, H, W) 8-connected, as ADEval's cv2 call
+    regions = connected_components(masks)  # (N, H, W) 8-connected, as ADEval's cv2 call
     pro_weights = np.where(masks, 1.0 / np.bincount(regions.ravel())[regions], 0.0)  # 1 / region size
     for level, ours, (positives, negatives) in (
             ("s_auroc", metrics["sample"]["auroc"], adeval_strips(sample_scores, sample_labels)),
@@ -196,6 +202,30 @@ def test_dropped_views_and_view_norm(synthetic_root, tmp_path):
     assert len(list(out.glob("example_*.png"))) == 1
 
 
+def test_under_bf16_autocast_maps_losses_and_metric_inputs_stay_float32():
+    """--precision bf16 (auto on a CPU with bf16 instructions): the models' convolutions, matrix
+    products and attention compute in bf16, and change the maps; the maps (the pixel metrics' input)
+    and the image scores are float32 computed in float32, not bf16 values widened (bf16 keeps 8 bits:
+    most pixel scores would tie), and so are the training losses."""
+    torch.manual_seed(0)
+    images = torch.randn(1, 2, 3, SIZE, SIZE)  # (B, V, 3, H, W)
+    models = {"mvad": MVAD(MVADConfig(backbone="resnet18", weights="none", image_size=SIZE, n_win=(4, 3, 2), topk=2,
+                                      blocks=(1, 1, 1))),
+              "idif": IDIF(IDIFConfig(image_size=SIZE, num_views=2, weights="none", voxel_size=(2, 4, 4),
+                                      fusion_blocks=1)),
+              "patchcore": PatchCore(PatchCoreConfig(backbone="resnet18", width=64, weights="none", image_size=SIZE))}
+    models["patchcore"].fit(iter([images]), seed=0)
+    for name, model in models.items():
+        fp32 = model.eval().anomaly_map(images)
+        maps = accelerate(model.anomaly_map, "cpu", False, "bf16")(images)  # as eval.py runs it
+        assert maps.dtype == image_scores(maps).dtype == torch.float32, name
+        assert (maps.bfloat16().float() != maps).float().mean() > 0.9, name
+        assert not torch.equal(maps, fp32), name  # the features were bf16
+    with autocast("cpu", "bf16"):
+        losses = [models["mvad"].train()(images), *models["idif"].train()(images, images).values()]
+    assert all(loss.dtype == torch.float32 for loss in losses)
+
+
 def test_two_processes_evaluate_as_one(synthetic_root, tmp_path):
     """`torchrun --nproc_per_node=2 eval.py`: each process evaluates every other one of the 5 test
     samples (shards of 3 and 2). Both runs score one sample per forward on one thread, so every
@@ -221,8 +251,10 @@ def test_two_processes_evaluate_as_one(synthetic_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Pixel AUROC/AP/F1-max/AU-PRO/F1-max(ADer)") == 1  # rank 0 alone reports
     one, two = (json.loads((run / "metrics.json").read_text()) for run in runs.values())
-    for key in ("sample", "image", "settings", "predict"):
+    for key in ("sample", "image", "predict"):
         assert one[key] == two[key], key
+    assert one["settings"].pop("world_size") == 1 and two["settings"].pop("world_size") == 2  # sharded, and says so
+    assert one["settings"] == two["settings"]
     assert one["settings"]["images"] == 5 * 3 and one["sample"]["auroc"] is not None
     for key, bound in one["pixel_error_bound"].items():
         assert abs(one["pixel"][key] - two["pixel"][key]) <= bound + 1e-12, key
@@ -393,6 +425,12 @@ def test_bad_flags(synthetic_root, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(data.UserError, match=r"^--device cuda: CUDA is not available on this machine"):
             main(EvalConfig(checkpoint=checkpoint, device="cuda"))
+    blocked = tmp_path / "a file"  # a folder cannot be created inside a file
+    blocked.write_text("")
+    for flags in ({"out": str(blocked / "run")}, {"export_adeval": str(blocked / "adeval.pkl")}):
+        flag = "--" + next(iter(flags)).replace("_", "-")
+        with pytest.raises(data.UserError, match=rf"^{flag}: cannot create the folder .*a file.*; choose a writable"):
+            main(EvalConfig(checkpoint=checkpoint, device="cpu", **flags))
 
 
 def test_data_root_rules(tmp_path, monkeypatch):

@@ -118,14 +118,14 @@ def test_consistency_bottleneck_shapes_and_decoupling(views):
     cb = ConsistencyBottleneck(C, latent=16, kl_weight=0.5)
     f_E = torch.randn(2, views, C, 4, 4)
     mask = torch.ones(2, views, dtype=torch.bool)
-    f_c, f_s, latent = cb(f_E, mask)
+    f_s, latent = cb(f_E, mask)
+    f_c = latent.f_c
     assert f_c.shape == (2, C, 4, 4) and f_s.shape == (2, views, C, 4, 4)
     assert latent.c.shape == latent.mu.shape == latent.log_var.shape == (2, 16, 4, 4)
-    assert latent.f_c is f_c
     assert_close(f_s + f_c[:, None], f_E)  # f_s = f_E - f_c
-    ib = cb.ib_loss(f_E, mask, latent)
-    expected = f_s.pow(2).mean(dim=(2, 3, 4)).mean() + 0.5 * kl_divergence(latent.mu, latent.log_var)
-    assert_close(ib, expected)  # L_IB = mean |f_E - f_c|^2 over the views + 0.5 KL
+    ib, kl = cb.ib_loss(f_E, mask, latent)
+    assert_close(kl, kl_divergence(latent.mu, latent.log_var))
+    assert_close(ib, f_s.pow(2).mean(dim=(2, 3, 4)).mean() + 0.5 * kl)  # L_IB = mean |f_E - f_c|^2 + 0.5 KL
 
 
 def test_ib_loss_gradient_reaches_the_subtracted_f_c():
@@ -133,8 +133,9 @@ def test_ib_loss_gradient_reaches_the_subtracted_f_c():
     cb = ConsistencyBottleneck(C, latent=16, kl_weight=0.0)
     f_E = torch.randn(2, 3, C, 4, 4)
     mask = torch.tensor([[True, False, True], [True, True, True]])
-    f_c, _, latent = cb(f_E, mask)
-    (grad,) = torch.autograd.grad(cb.ib_loss(f_E, mask, latent), f_c)
+    _, latent = cb(f_E, mask)
+    f_c = latent.f_c
+    (grad,) = torch.autograd.grad(cb.ib_loss(f_E, mask, latent)[0], f_c)
     # d/df_c of mean_b mean_{kept v} mean |f_E^(v) - f_c|^2: f_c is pulled to the kept views' mean
     expected = -2 * (masked_view_mean(f_E, mask) - f_c) / f_c.numel()
     assert_close(grad, expected)
@@ -152,10 +153,10 @@ def test_consistency_bottleneck_samples_in_training_and_uses_mu_in_eval():
     torch.manual_seed(0)
     cb = ConsistencyBottleneck(C, latent=16, kl_weight=0.0)
     f_E, mask = torch.randn(2, 3, C, 4, 4), torch.ones(2, 3, dtype=torch.bool)
-    assert not torch.equal(cb(f_E, mask)[0], cb(f_E, mask)[0])  # f_c = mu + Sigma * eps
+    assert not torch.equal(cb(f_E, mask)[1].f_c, cb(f_E, mask)[1].f_c)  # f_c = mu + Sigma * eps
     cb.eval()
-    f_c, _, latent = cb(f_E, mask)
-    assert torch.equal(latent.c, latent.mu) and torch.equal(f_c, cb(f_E, mask)[0])
+    _, latent = cb(f_E, mask)
+    assert torch.equal(latent.c, latent.mu) and torch.equal(latent.f_c, cb(f_E, mask)[1].f_c)
 
 
 def test_consistency_bottleneck_ignores_absent_views():
@@ -165,10 +166,10 @@ def test_consistency_bottleneck_ignores_absent_views():
     mask = torch.tensor([[True, False, True], [True, True, True]])
     changed = f_E.clone()
     changed[0, 1] = float("nan")
-    assert torch.equal(cb(f_E, mask)[0], cb(changed, mask)[0])
-    assert torch.equal(cb(changed, mask)[1][0, 1], torch.zeros(C, 4, 4))  # a dropped view's f_s is zero
-    ib_before = cb.ib_loss(f_E, mask, cb(f_E, mask)[2])
-    assert torch.equal(ib_before, cb.ib_loss(changed, mask, cb(changed, mask)[2]))
+    assert torch.equal(cb(f_E, mask)[1].f_c, cb(changed, mask)[1].f_c)
+    assert torch.equal(cb(changed, mask)[0][0, 1], torch.zeros(C, 4, 4))  # a dropped view's f_s is zero
+    ib_before = cb.ib_loss(f_E, mask, cb(f_E, mask)[1])[0]
+    assert torch.equal(ib_before, cb.ib_loss(changed, mask, cb(changed, mask)[1])[0])
 
 
 @pytest.mark.parametrize("views", [2, 3, 5])

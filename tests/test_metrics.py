@@ -1,14 +1,18 @@
-"""eval.py's metrics against brute-force references written here, and the streaming PixelMetrics
-against the exact metrics."""
+"""metrics.py against brute-force references written here, the streaming PixelMetrics against the
+exact metrics, and metrics.py's place in the house (it imports no other file of the project)."""
+import ast
 import math
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from eval import (PixelMetrics, ap, au_pro, auroc, connected_components, f1_max, image_labels,
-                  image_scores, sample_labels, sample_scores)
+from metrics import (PixelMetrics, ap, au_pro, auroc, best_f1, connected_components, image_labels, image_scores,
+                     sample_labels, sample_scores)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- test data and references
@@ -111,15 +115,15 @@ def test_image_metrics_match_brute_force(levels):
     scores, labels = maps.reshape(-1), masks.reshape(-1)
     assert auroc(scores, labels) == pytest.approx(brute_force_auroc(scores, labels), abs=1e-12)
     assert ap(scores, labels) == pytest.approx(brute_force_ap(scores, labels), abs=1e-12)
-    assert f1_max(scores, labels) == pytest.approx(brute_force_f1_max(scores, labels), abs=1e-12)
+    assert best_f1(scores, labels)[0] == pytest.approx(brute_force_f1_max(scores, labels), abs=1e-12)
 
 
 def test_f1_max_uses_every_threshold():
     # Best cut between 0.42 and 0.43: a 21-step grid (0.40, 0.45) misses it.
     scores = np.array([0.9, 0.43, 0.42, 0.41, 0.1])
     labels = np.array([1, 1, 0, 0, 0])
-    assert f1_max(scores, labels) == pytest.approx(1.0)
-    assert f1_max(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(1.0)
+    assert best_f1(scores, labels) == pytest.approx((1.0, 0.43))  # F1-max and the score that reaches it
+    assert best_f1(torch.tensor(scores), torch.tensor(labels)) == pytest.approx((1.0, 0.43))
 
 
 def test_connected_components_match_flood_fill():
@@ -177,7 +181,7 @@ def test_au_pro_known_values():
 
 def test_single_class_gives_nan():
     scores, normal = np.random.default_rng(0).random(20), np.zeros(20, dtype=bool)
-    for metric in (auroc, ap, f1_max):
+    for metric in (auroc, ap, lambda s, y: best_f1(s, y)[0], lambda s, y: best_f1(s, y)[1]):
         assert math.isnan(metric(scores, normal)) and math.isnan(metric(scores, ~normal))
     assert math.isnan(au_pro(scores.reshape(1, 4, 5), normal.reshape(1, 4, 5)))
     metrics = PixelMetrics()
@@ -191,7 +195,7 @@ def test_single_class_gives_nan():
 
 
 def exact_pixel_metrics(maps, masks) -> dict:
-    return {"auroc": auroc(maps, masks), "ap": ap(maps, masks), "f1_max": f1_max(maps, masks),
+    return {"auroc": auroc(maps, masks), "ap": ap(maps, masks), "f1_max": best_f1(maps, masks)[0],
             "aupro": au_pro(maps, masks)}
 
 
@@ -333,7 +337,7 @@ def test_f1_max_ader_matches_the_official_code_within_its_bound(bins):
     value, bound = metrics.f1_max_ader()
     official = ader_f1_max(maps.astype(np.float64), masks)
     assert abs(value - official) <= bound + 1e-7, (value, official, bound)  # 1e-7: the official epsilons
-    assert official <= f1_max(maps, masks) + 1e-7
+    assert official <= best_f1(maps, masks)[0] + 1e-7
     assert bound < 1e-3 if bins == 2**16 else bound > 1e-3  # 16 bins are visibly coarse
 
 
@@ -377,3 +381,13 @@ def test_image_and_sample_aggregation():
     present = torch.tensor([[True, False, True], [False, True, True]])  # drop the defective view
     torch.testing.assert_close(sample_scores(scores, present), torch.tensor([0.5, 0.0]))
     assert sample_labels(labels, present).tolist() == [False, False]
+
+
+def test_metrics_py_imports_no_other_file_of_the_project():
+    """The metric maths stand alone: numpy, torch and scikit-learn's curves, no evaluation loop, no
+    training, no data and no model file (a reader of AU-PRO opens one file)."""
+    tree = ast.parse((ROOT / "metrics.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported == {"copy", "math", "numpy", "torch", "sklearn"}

@@ -10,10 +10,10 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 
-from mvad import (MVAD, FrozenEncoder, MultiViewFusion, MVADConfig, cosine_distance_map, cross_attention_flops,
-                  detr_sine_embedding, drop_path, full_cross_attention, full_cross_attention_reference, gaussian_blur,
-                  mvas_attention, mvas_attention_reference, mvas_flops, mvas_routing, window_partition,
-                  window_unpartition)
+from mvad import (MVAD, FrozenEncoder, MultiViewFusion, MVADConfig, cosine_distance_map, counted_flops,
+                  cross_attention_flops, detr_sine_embedding, drop_path, full_cross_attention,
+                  full_cross_attention_reference, gaussian_blur, mvas_attention, mvas_attention_reference, mvas_flops,
+                  mvas_routing, window_partition, window_unpartition)
 
 
 def tiny_config(**overrides) -> MVADConfig:
@@ -205,12 +205,6 @@ def test_mvas_routing_selects_the_most_correlated_window():
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def counted_flops(fn, *args, **kwargs) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn(*args, **kwargs)
-    return counter.get_total_flops()
-
-
 @pytest.mark.parametrize("h, w, c, n_other, n_win, topk", [
     (8, 8, 16, 2, 2, 2), (7, 9, 16, 3, 3, 4), (16, 16, 64, 4, 4, 4), (64, 64, 64, 4, 14, 4),
     (32, 32, 128, 4, 9, 4), (16, 16, 256, 4, 6, 4), (5, 5, 8, 1, 2, 9),
@@ -226,6 +220,22 @@ def test_flop_formulas_equal_flop_counter(h, w, c, n_other, n_win, topk):
     assert counted_flops(mvas_attention_reference, query, others, n_win, topk) == official
     assert counted_flops(mvas_attention_reference, query, others, n_win, topk, view_mask=mask) == official
     assert counted_flops(full_cross_attention, query, others) == cross_attention_flops(h, w, c, n_other)
+
+
+@pytest.mark.parametrize("h, w, c, n_other, n_win, topk", [(8, 8, 16, 2, 2, 2), (7, 9, 16, 3, 3, 4)])
+def test_counted_flops_sees_the_fused_attention_on_a_cpu(h, w, c, n_other, n_win, topk):
+    """On CPU tensors FlopCounterMode alone does not see the fused attention's kernel (the docstrings
+    of full_cross_attention and mvas_attention say so); counted_flops counts what the formulas (and
+    the meta device, above) give."""
+    query, others = torch.randn(1, h, w, c), torch.randn(1, n_other, h, w, c)
+    with FlopCounterMode(display=False) as alone:
+        full_cross_attention(query, others)
+    assert alone.get_total_flops() == 0  # torch 2.14.1: no formula for the CPU kernel
+    assert counted_flops(full_cross_attention, query, others) == cross_attention_flops(h, w, c, n_other)
+    fast = mvas_flops(h, w, c, n_other, n_win, topk, image_only=True)
+    mask = torch.tensor([[True] * (n_other - 1) + [False]])  # a missing view: masked, still computed
+    assert counted_flops(mvas_attention, query, others, n_win, topk) == fast
+    assert counted_flops(mvas_attention, query, others, n_win, topk, view_mask=mask) == fast
 
 
 def test_mvas_is_far_cheaper_than_dense_at_the_official_scale_0():
@@ -445,12 +455,14 @@ def test_bad_inputs_and_configs():
         model(torch.randn(1, 1, 3, 64, 64))
     with pytest.raises(ValueError, match=r"got \(2, 3, 64, 64\)"):
         model.anomaly_map(torch.randn(2, 3, 64, 64))
-    with pytest.raises(ValueError, match="--image-size 100: MVAD needs a multiple of 32"):
+    with pytest.raises(ValueError, match=r"image_size 100 must be a multiple of 32 for MVAD \(--image-size\)"):
         MVAD(tiny_config(image_size=100))
-    with pytest.raises(ValueError, match="3 values for n_win and blocks"):
+    with pytest.raises(ValueError, match=r"n_win \(4, 3\) must be 3 window counts \(one per scale\)"):
         MVAD(tiny_config(n_win=(4, 3)))
-    with pytest.raises(ValueError, match="--backbone 'resnet50' is unknown; choose one of: resnet18, resnet34"):
+    with pytest.raises(ValueError, match="backbone 'resnet50' must be one of resnet18, resnet34"):
         MVAD(tiny_config(backbone="resnet50"))
+    with pytest.raises(ValueError, match="--backbone 'resnet50' is unknown; choose one of: resnet18, resnet34"):
+        FrozenEncoder("resnet50")
 
 
 def test_encoder_stays_frozen_and_every_trainable_parameter_gets_a_gradient():

@@ -1,6 +1,7 @@
 """train.py end to end on tiny configs: both methods, the encoder's calibration, the optimiser
 recipe, resume, atomic checkpoints and a full disk, DDP with 2 CPU processes (and the GPUs'
 SyncBatchNorm conversion), and the one-line errors of bad input."""
+import ast
 import dataclasses
 import errno
 import json
@@ -43,9 +44,14 @@ def tiny(method: str, synthetic: Path, out: Path, **changes) -> train.TrainConfi
     return dataclasses.replace(cfg, **changes)
 
 
-@pytest.mark.parametrize("method", ["mvad", "idif"])
-def test_tiny_run_trains_checkpoints_and_evaluates(method, synthetic, tmp_path):
+@pytest.mark.parametrize("method, cpu, precision", [("mvad", {"avx2": True}, "fp32"),
+                                                    ("idif", {"amx_bf16": True}, "bf16")])
+def test_tiny_run_trains_checkpoints_and_evaluates(method, cpu, precision, synthetic, tmp_path, monkeypatch, capsys):
+    """Also --precision auto on a CPU without and with bf16 instructions (mocked): the start-up line
+    names the choice, history.json and metrics.json record it."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: cpu)
     metrics = train.main(tiny(method, synthetic, tmp_path))
+    assert f"precision {precision} (auto: " in capsys.readouterr().out.splitlines()[0]
     for level, keys in (("sample", ("auroc", "ap", "f1_max")), ("image", ("auroc", "ap", "f1_max")),
                         ("pixel", ("auroc", "ap", "f1_max", "aupro"))):
         for key in keys:
@@ -57,6 +63,7 @@ def test_tiny_run_trains_checkpoints_and_evaluates(method, synthetic, tmp_path):
     assert set(json.loads((tmp_path / "metrics.json").read_text())) >= {"sample", "image", "pixel"}
     history = json.loads((tmp_path / "history.json").read_text())
     assert len(history) == 1 and history[0]["loss"] > 0
+    assert history[0]["precision"] == metrics["settings"]["precision"] == precision
     parts = {"distill", "ib", "kl", "sigma"} if method == "idif" else set()  # IDIF logs its loss parts
     assert parts <= set(history[0]) and all(history[0][p] > 0 for p in parts)
     assert (tmp_path / "roc.png").is_file() and list(tmp_path.glob("example_*.png"))
@@ -353,6 +360,8 @@ def run_cli(*args, cwd=ROOT, env=None, timeout=120):
     (["--data-root", "{synthetic}", "--out", "{tmp}/fresh", "--resume"], "--resume: no checkpoint at"),
     (["--method", "mvad", "--set", "wings=2"], "--set wings=2: expected NAME=VALUE"),
     (["--method", "mvad", "--set", "topk=many"], "--set topk=many: 'many' is not a valid int"),
+    (["--method", "mvad", "--data-root", "{synthetic}", "--image-size", "64", "--out", "{tmp}/run",
+      "--set", "n_win=2,2,2", "--set", "topk=0"], "error: topk 0 must be at least 1"),  # MVADConfig's ValueError
     (["--threads", "0"], "--threads 0: must be at least 1"),
 ])
 def test_bad_input_gives_one_line_and_exit_2(args, message, synthetic, tmp_path):
@@ -454,3 +463,12 @@ def test_synchronised_batchnorm_spares_the_frozen_encoders_and_keeps_the_checkpo
     loaded, _ = load_model(str(tmp_path / "last.pt"))
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in loaded.modules())
     assert all(torch.equal(loaded.state_dict()[k], before[k]) for k in before)
+
+
+def test_train_takes_its_process_set_up_from_runtime_not_from_eval():
+    """train.py asks eval.py only for the evaluation (its config, main, the papers' settings and the
+    protocol note); device, threads, precision, compile and the process group come from runtime.py."""
+    tree = ast.parse((ROOT / "train.py").read_text())
+    from_eval = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "eval"
+                 for alias in node.names}
+    assert from_eval == {"PAPER_SETTINGS", "EvalConfig", "category_list", "protocol_note", "main"}
