@@ -117,7 +117,7 @@ QUOTED = {
                       "the whole MVAD, counted: 44.8 GMACs per sample", "1046x", "112x", "61x", "11x", "135.3", "43.5",
                       "2.1 MFLOPs", "67.1"],
     "04_idif": ["trained 0.85, untrained 0.07", "C1: |f_E| 17.70 |f_s| 8.57", "mean Sigma = 0.158", "0.239", "1.827",
-                "= 0.257", "0.990", "0.979", "0.487", "0.852", "0.844", "0.519", "0.994", "0.286",
+                "= 0.257", "0.057", "0.990", "0.979", "0.487", "0.852", "0.844", "0.519", "0.994", "0.003", "0.286",
                 "untrained 0.27, trained 0.09", "largest change of an angle in training: 7.61 degrees",
                 "untrained 0.96, trained 1.00", "untrained 10.26, trained 1.03", "0.002", "0.026", "0.032", "0.080",
                 "defect views [0.325, 0.322], normal views [0.187, 0.179, 0.212]", "dropped share: 0.1978", "8.0e-03",
@@ -169,8 +169,9 @@ def deck_table_rows(name):
     """The backticked names in the last column of each row of the notebook's deck table."""
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     tables = [c.source for c in nb.cells if c.cell_type == "markdown" and "\n| the deck |" in "\n" + c.source]
-    assert len(tables) == 1, f"{name}: expected one deck table (a header row starting '| the deck |'), found {len(tables)}"
-    rows = [line for line in tables[0].splitlines() if line.startswith("|") and not line.startswith(("| the deck", "|---"))]
+    assert len(tables) == 1, f"{name}: expected one deck table (a header row '| the deck |'), found {len(tables)}"
+    rows = [line for line in tables[0].splitlines()
+            if line.startswith("|") and not line.startswith(("| the deck", "|---"))]
     return [re.findall(r"`([\w.]+)`", row.rstrip(" |").rsplit("|", 1)[1]) for row in rows]
 
 
