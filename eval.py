@@ -82,20 +82,28 @@ def drop_views_mask(num_samples: int, num_views: int, k: int, seed: int) -> torc
     return torch.ones(num_samples, num_views, dtype=torch.bool).scatter(1, order[:, :k], False)
 
 
-def camera_statistics(model, dataset, device, batch_size: int = 8, workers: int = 0) -> dict:
+def camera_statistics(model, dataset, device, batch_size: int = 8, workers: int = 0, drop_views: int = 0,
+                      seed: int = 0) -> dict:
     """Mean and std of each camera's image scores on the (normal) training split, per category,
     for --view-norm: score -> (score - mean) / std before the max over views. With several
     processes each scores its shard of the split and every process receives all the scores, in
     sample order, so every process holds the statistics that one process would compute.
+    With drop_views K, every training sample loses K views as `evaluate` draws them (`drop_views_mask`
+    with `seed`) and each camera's statistics come from the samples that keep it: the scores a
+    camera gives when K views are missing, for an evaluation with K views removed.
 
     Returns:
         {category: (2, V) tensor, row 0 the means, row 1 the stds}.
     """
     loader, indices, rank = sharded_loader(dataset, batch_size, workers, device)
+    view_masks = drop_views_mask(len(dataset), dataset[0]["images"].shape[0], drop_views, seed)[indices]  # (n_shard, V)
     categories, rows = [], []
     with torch.inference_mode():
-        for batch in tqdm(loader, desc="camera statistics", leave=False, disable=rank != 0):
-            rows += image_scores(model.anomaly_map(batch["images"].to(device))).float().tolist()  # B x V scores
+        for batch, view_mask in tqdm(zip(loader, view_masks.split(batch_size)), desc="camera statistics",
+                                     leave=False, disable=rank != 0):
+            maps = model.anomaly_map(batch["images"].to(device), view_mask.to(device) if drop_views else None,
+                                     **synthetic.routing_inputs(batch, device))
+            rows += torch.where(view_mask, image_scores(maps).float().cpu(), torch.nan).tolist()  # B x V, NaN: dropped
             categories += batch["category"]
     scores = defaultdict(dict)  # category -> {sample index: V image scores}
     for part in gather(list(zip(indices, categories, rows)), everywhere=True):
@@ -104,7 +112,9 @@ def camera_statistics(model, dataset, device, batch_size: int = 8, workers: int 
     stats = {}
     for category, by_index in scores.items():
         rows = torch.tensor([by_index[i] for i in sorted(by_index)])  # (n, V) in sample order
-        stats[category] = torch.stack([rows.mean(0), rows.std(0, correction=0).clamp_min(1e-12)])  # (2, V)
+        mean = rows.nanmean(0)  # (V,) over the samples that keep each camera
+        std = (rows - mean).pow(2).nanmean(0).sqrt()  # the population std, as rows.std(0, correction=0)
+        stats[category] = torch.stack([mean, std.clamp_min(1e-12)])  # (2, V)
     return stats
 
 
@@ -178,7 +188,8 @@ def score_batch(model, batch: dict, device, view_mask: torch.Tensor | None, view
     on the CPU, "masks" (B, V, H, W) bool, "classes" (B, V) the JSON classes (which give the sample
     labels), "scores" (B, V) image scores (z-scored per camera with view_stats), "labels" (B, V)}."""
     images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, H, W)
-    maps = model.anomaly_map(images, None if view_mask is None else view_mask.to(device))
+    maps = model.anomaly_map(images, None if view_mask is None else view_mask.to(device),
+                             **synthetic.routing_inputs(batch, device))
     maps = maps.float().cpu()  # (B, V, H, W)
     if not torch.isfinite(maps).all():
         raise data.UserError("the model produced NaN/inf anomaly maps: the checkpoint's training "
@@ -269,7 +280,10 @@ def summarise(pixels: dict, gathered: dict) -> tuple[dict, dict, dict]:
         s, y, c, m = (gathered[category][k] for k in ("scores", "labels", "classes", "present"))
         sample, image = (sample_scores(s, m), sample_labels(c, m)), (s[m], y[m])
         f1_ader, f1_ader_bound = pixels[category].f1_max_ader()
-        levels[category] = {"sample": sample, "image": image, "pixel_roc": pixels[category].roc_curve()}
+        # with views removed, "sample" labels a sample by the views left (its defect may be in a removed
+        # view); "sample_all_views" by all its views, as the data set labels it
+        levels[category] = {"sample": sample, "image": image, "pixel_roc": pixels[category].roc_curve(),
+                            "sample_all_views": (sample[0], sample_labels(c))}
         sample_metrics, sample_threshold = level_metrics(*sample)
         image_metrics, image_threshold = level_metrics(*image)
         per_category[category] = {"sample": sample_metrics, "image": image_metrics,
@@ -744,9 +758,9 @@ def main(cfg: EvalConfig) -> dict:
     view_stats = None
     if cfg.view_norm:
         train_set = data.RealIAD(root, category_list(category), "train", image_size=checkpoint["config"]["image_size"])
-        view_stats = camera_statistics(model, train_set, device, cfg.batch_size, cfg.workers)
+        view_stats = camera_statistics(model, synthetic.routed(train_set, root, model), device, cfg.batch_size, cfg.workers)
     export = adeval_export(cfg.export_adeval, test_set.categories)
-    metrics, collected = evaluate(model, test_set, device, drop_views=cfg.drop_views,
+    metrics, collected = evaluate(model, synthetic.routed(test_set, root, model), device, drop_views=cfg.drop_views,
                                   batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
                                   view_stats=view_stats, num_figures=cfg.num_figures, bins=cfg.bins,
                                   export=export)

@@ -31,6 +31,9 @@ Our choices where the paper is silent, and our extensions:
   one whose BatchNorm statistics are calibrated on the training images (`FrozenEncoder.calibrate`).
 - The positional embedding is computed for the actual feature size (official: fixed for 256 px inputs).
 - `mvas=False`: no MVAS blocks, RD4AD with MVAD's OCBE (the papers' "RD" column).
+- `routing`: "dot" is the official routing; "cosine" (pooled features L2-normalised) and "oracle" (the
+  windows that see the same surface, from the synthetic renderer's geometry, passed in as `overlaps`)
+  are diagnostics of ours, to tell a weak routing from a weak mechanism (bench/routing.py).
 - `backbone="wide_resnet50_2"`: channels 256/512/1024 and RD4AD's de-WideResNet50-2 decoder.
 """
 import math
@@ -57,6 +60,13 @@ def window_grid(h: int, w: int, n_win: int) -> tuple[int, int, int, int]:
     64 -> 70 at n_win 14 gives windows of 5 x 5 tokens, 13 of the 14 rows hold image tokens."""
     th, tw = -(-h // n_win), -(-w // n_win)  # ceil
     return th, tw, -(-h // th), -(-w // tw)
+
+
+def image_windows(h: int, w: int, n_win: int, device=None) -> torch.Tensor:
+    """The indices, among all a*a windows (row-major), of the rows x cols windows that hold image
+    tokens (`window_grid`): the query windows of `window_partition(..., image_only=True)`. Returns (Q,)."""
+    _, _, rows, cols = window_grid(h, w, n_win)
+    return (torch.arange(rows, device=device)[:, None] * n_win + torch.arange(cols, device=device)).flatten()
 
 
 def window_partition(x: torch.Tensor, n_win: int, image_only: bool = False) -> torch.Tensor:
@@ -99,7 +109,8 @@ def window_unpartition(windows: torch.Tensor, n_win: int, h: int, w: int) -> tor
 
 
 def mvas_routing(q_pooled: torch.Tensor, kv_pooled: torch.Tensor, topk: int,
-                 present: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 present: torch.Tensor | None = None, routing: str = "dot",
+                 overlap: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MVAS routing: correlates every query window with every window of the other views on
     mean-pooled features and keeps the top-k candidates per query window. No learnable parameters.
 
@@ -111,6 +122,11 @@ def mvas_routing(q_pooled: torch.Tensor, kv_pooled: torch.Tensor, topk: int,
         topk: k, clamped to M.
         present: optional (N, M) bool, False for the windows of missing views (our extension:
             their logits are -inf, so they are chosen only when fewer than k others exist).
+        routing: "dot", the official routing; two diagnostics of ours (see MVADConfig.routing):
+            "cosine", the same on L2-normalised pooled features, and "oracle", the candidates
+            ranked by `overlap`, ties (no overlap at all included) broken by the dot logits.
+        overlap: (N, A, M) for "oracle": the share of each query window's object surface that each
+            candidate window sees (synthetic.window_overlaps, from the renderer's geometry).
     Returns:
         A_c: (N, A, M) the correlation logits (q_pooled * C^-0.5) @ kv_pooled^T.
         index: (N, A, k) I_m^K, the selected candidate windows per query window.
@@ -120,16 +136,26 @@ def mvas_routing(q_pooled: torch.Tensor, kv_pooled: torch.Tensor, topk: int,
     # learned path. With the official window counts some windows hold padding only (27 of 196 at
     # 64x64 with a = 14): they are candidates with logit 0, picked when every real window scores
     # below 0, as in the official code
-    logits = (q_pooled.detach() * C ** -0.5) @ kv_pooled.detach().transpose(1, 2)  # (N, A, M), FULL C
+    q, kv = q_pooled.detach(), kv_pooled.detach()
+    if routing == "cosine":  # a dot product favours windows with large features; the cosine does not
+        q, kv = F.normalize(q, dim=-1), F.normalize(kv, dim=-1)
+    logits = (q * C ** -0.5) @ kv.transpose(1, 2)  # (N, A, M), FULL C
     if present is not None:
         logits = logits.masked_fill(~present[:, None, :], float("-inf"))
+    k = min(topk, kv_pooled.shape[1])
     # the official code computes softmax routing weights too but never uses them: left out
-    index = logits.topk(min(topk, kv_pooled.shape[1]), dim=-1).indices  # (N, A, k)
-    return logits, index
+    if routing != "oracle":
+        return logits, logits.topk(k, dim=-1).indices  # (N, A, M), (N, A, k)
+    # two sort keys: by the dot logits, then (stable) by the overlap, missing views last
+    order = logits.argsort(dim=-1, descending=True, stable=True)  # (N, A, M)
+    shares = overlap if present is None else overlap.masked_fill(~present[:, None, :], -1.0)
+    order = order.gather(-1, shares.gather(-1, order).argsort(dim=-1, descending=True, stable=True))
+    return logits, order[..., :k]  # (N, A, M), (N, A, k)
 
 
 def mvas_windows(q: torch.Tensor, table: torch.Tensor, pooled: torch.Tensor, candidates: torch.Tensor,
-                 topk: int, num_heads: int = 8, present: torch.Tensor | None = None) -> torch.Tensor:
+                 topk: int, num_heads: int = 8, present: torch.Tensor | None = None, routing: str = "dot",
+                 overlap: torch.Tensor | None = None) -> torch.Tensor:
     """STEPS 2-4 of MVAS on windows already cut: routing, gather, windowed attention.
 
     The keys/values come from a table of windows that can serve many query views: MultiViewFusion
@@ -145,13 +171,14 @@ def mvas_windows(q: torch.Tensor, table: torch.Tensor, pooled: torch.Tensor, can
             order (view-major: the windows of its first other view, then of the second, ...).
         topk: k, clamped to M. num_heads: m.
         present: optional (N, M) bool, False for candidates of missing views (see mvas_attention).
+        routing, overlap: see `mvas_routing` (overlap (N, Q, M): the rows of the query windows in q).
     Returns:
         (N, Q, T, C) the attention output per query window.
     """
     N, A, T, C = q.shape  # A = Q query windows
     d = C // num_heads
     # STEP 2 (arXiv:2407.11935, MVAS, "Multi-View Windows Adaptive Selection"): A_c, I_m^K = TopK_Index(A_c)
-    _, index = mvas_routing(q.detach().mean(dim=2), pooled[candidates], topk, present)  # (N, A, k)
+    _, index = mvas_routing(q.detach().mean(dim=2), pooled[candidates], topk, present, routing, overlap)  # (N, A, k)
     k = index.shape[-1]
     rows = candidates.gather(1, index.flatten(1))  # (N, A*k) table rows of the selected windows
 
@@ -464,6 +491,10 @@ ENCODERS = {
 }
 
 
+ENCODER_STRIDES = (4, 8, 16)  # of the ResNet stages 1-3: the feature maps are H/4, H/8, H/16
+ROUTINGS = ("dot", "cosine", "oracle")  # MVADConfig.routing
+
+
 def encoder_channels(arch: str) -> tuple[int, int, int]:
     """The channels of stages 1-3 of an ENCODERS ResNet: 64, 128, 256 for the BasicBlock ones
     (resnet18, resnet34), four times as many for the Bottleneck one (wide_resnet50_2)."""
@@ -517,6 +548,7 @@ class FrozenEncoder(nn.Module):
         self.conv1, self.bn1, self.layer1, self.layer2, self.layer3 = \
             net.conv1, net.bn1, net.layer1, net.layer2, net.layer3
         self.channels = encoder_channels(arch)  # stages 1-3
+        self.strides = ENCODER_STRIDES  # of stages 1-3
         self.register_buffer("bn_ready", torch.tensor(state is not None))
         self.requires_grad_(False)
         self.train(False)
@@ -600,20 +632,22 @@ class MVASBlock(nn.Module):
     """
 
     def __init__(self, dim: int, n_win: int, topk: int, num_heads: int, mlp_ratio: int,
-                 dropout: float, drop_path: float):
+                 dropout: float, drop_path: float, routing: str = "dot"):
         super().__init__()
         self.n_win, self.topk, self.num_heads, self.drop_prob = n_win, topk, num_heads, drop_path
+        self.routing = routing
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(mlp_ratio * dim, dim), nn.Dropout(dropout))
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
 
-    def forward(self, x, pos, table, pooled, candidates, present=None):
-        """x: (N, h, w, C) query views; pos: (h, w, C); table, pooled, candidates, present: the other
-        views' windows as `mvas_windows` takes them. Returns (N, h, w, C)."""
+    def forward(self, x, pos, table, pooled, candidates, present=None, overlap=None):
+        """x: (N, h, w, C) query views; pos: (h, w, C); table, pooled, candidates, present, overlap:
+        the other views' windows as `mvas_windows` takes them. Returns (N, h, w, C)."""
         N, h, w, C = x.shape
         q = window_partition(x + pos, self.n_win, image_only=True)  # (N, Q, T, C), see mvas_attention
-        fused = mvas_windows(q, table, pooled, candidates, self.topk, self.num_heads, present)  # (N, Q, T, C)
+        fused = mvas_windows(q, table, pooled, candidates, self.topk, self.num_heads, present,
+                             self.routing, overlap)  # (N, Q, T, C)
         fused = window_unpartition(fused, self.n_win, h, w)  # (N, h, w, C)
         x = self.norm1(x + drop_path(fused, self.drop_prob, self.training))  # (N, h, w, C)
         return self.norm2(x + self.mlp(x))  # (N, h, w, C)
@@ -628,14 +662,16 @@ class MultiViewFusion(nn.Module):
     into windows and pooled once per scale (the official code does it per block and query view)."""
 
     def __init__(self, dim: int, depth: int, n_win: int, topk: int, num_heads: int, mlp_ratio: int,
-                 dropout: float, drop_path: float):
+                 dropout: float, drop_path: float, routing: str = "dot"):
         super().__init__()
         self.n_win = n_win
-        self.blocks = nn.ModuleList(MVASBlock(dim, n_win, topk, num_heads, mlp_ratio, dropout, drop_path)
+        self.blocks = nn.ModuleList(MVASBlock(dim, n_win, topk, num_heads, mlp_ratio, dropout, drop_path, routing)
                                     for _ in range(depth))
 
-    def forward(self, feats: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """feats: (B, V, C, h, w) one scale of the encoder; view_mask: (B, V) bool or None.
+    def forward(self, feats: torch.Tensor, view_mask: torch.Tensor | None = None,
+                overlap: torch.Tensor | None = None) -> torch.Tensor:
+        """feats: (B, V, C, h, w) one scale of the encoder; view_mask: (B, V) bool or None; overlap:
+        (B, V, A, M) for routing "oracle" (see `MVAD.features`), else None.
         Returns (B, V, C, h, w), the fused features."""
         B, V, C, h, w = feats.shape
         x = feats.permute(0, 1, 3, 4, 2)  # (B, V, h, w, C)
@@ -651,9 +687,11 @@ class MultiViewFusion(nn.Module):
             view_mask[:, other].reshape(B * V, V - 1).repeat_interleave(A, dim=1)  # (B*V, M)
         pos = detr_sine_embedding(h, w, C, device=feats.device).to(feats.dtype)  # (h, w, C)
         pooled = table.mean(dim=1)  # (B*V*A, C)
+        if overlap is not None:  # the rows of the query windows, those that hold image tokens
+            overlap = overlap.reshape(B * V, A, -1)[:, image_windows(h, w, self.n_win, feats.device)]  # (B*V, Q, M)
         x = x.reshape(B * V, h, w, C)  # (B*V, h, w, C)
         for block in self.blocks:
-            x = block(x, pos, table, pooled, candidates, present)  # (B*V, h, w, C)
+            x = block(x, pos, table, pooled, candidates, present, overlap)  # (B*V, h, w, C)
         return x.reshape(B, V, h, w, C).permute(0, 1, 4, 2, 3)  # (B, V, C, h, w)
 
 
@@ -819,6 +857,10 @@ class MVADConfig(TrainingRecipe):
     image_size: int = 256  # input height = width in pixels, a multiple of 32; paper: 256
     n_win: tuple[int, ...] = (14, 9, 6)  # MVAS windows per side a at the 3 scales; official: 14, 9, 6
     topk: int = 4  # windows of the other views each query window attends to (K); official: 4
+    # how MVAS chooses those windows: "dot", the official top-k of pooled dot products; two diagnostics of
+    # ours: "cosine" (the same on L2-normalised features) and "oracle" (the k windows that see most of the
+    # query window's surface, from the synthetic renderer's geometry: an upper bound for any routing)
+    routing: str = "dot"
     blocks: tuple[int, ...] = (1, 2, 4)  # MVAS blocks at the 3 scales (0: none at that scale); official: 1, 2, 4
     num_heads: int = 8  # attention heads in MVAS; official: 8
     mlp_ratio: int = 4  # hidden width of the block MLP, in multiples of C; official: 4
@@ -837,12 +879,14 @@ class MVADConfig(TrainingRecipe):
                     "auto, imagenet, none or a file", "the paper: ImageNet")
         check_field(self, "image_size", is_count(self.image_size) and self.image_size % 32 == 0,
                     "a multiple of 32 for MVAD (--image-size)", "official: 256")
-        sides = [self.image_size // stride for stride in (4, 8, 16)]  # h_s, the feature maps' sides
+        sides = [self.image_size // stride for stride in ENCODER_STRIDES]  # h_s, the feature maps' sides
         fits = len(self.n_win) == 3 and all(is_count(a) and a <= h for a, h in zip(self.n_win, sides))
         check_field(self, "n_win", fits, f"3 window counts (one per scale), each from 1 to its scale's feature "
                     f"side ({', '.join(map(str, sides))} at image_size {self.image_size})", "official: 14, 9, 6")
         check_field(self, "topk", is_count(self.topk), "at least 1 (one above the candidate windows is clamped)",
                     "official: 4")
+        check_field(self, "routing", self.routing in ROUTINGS, f"one of {', '.join(ROUTINGS)} (cosine, oracle: "
+                    "our diagnostics)", "official: dot")
         check_field(self, "blocks", len(self.blocks) == 3 and all(is_count(n, least=0) for n in self.blocks),
                     "3 block counts (one per scale), each at least 0", "official: 1, 2, 4")
         channels = encoder_channels(self.backbone)
@@ -867,18 +911,23 @@ class MVAD(nn.Module):
         self.encoder = FrozenEncoder(cfg.backbone, cfg.weights)
         channels = self.encoder.channels  # (64, 128, 256) for ResNet18/34
         self.fusion = nn.ModuleList(
-            MultiViewFusion(c, depth, n_win, cfg.topk, cfg.num_heads, cfg.mlp_ratio, cfg.dropout, cfg.drop_path)
+            MultiViewFusion(c, depth, n_win, cfg.topk, cfg.num_heads, cfg.mlp_ratio, cfg.dropout, cfg.drop_path,
+                            cfg.routing)
             for c, depth, n_win in zip(channels, cfg.blocks, cfg.n_win)) if cfg.mvas else None
         self.bottleneck = OCBE(channels)
         block = DeBottleneck if cfg.backbone == "wide_resnet50_2" else DeBasicBlock
         self.decoder = Decoder(channels, block)
 
-    def features(self, images: torch.Tensor, view_mask: torch.Tensor | None = None):
+    def features(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,
+                 overlaps: list[torch.Tensor] | None = None):
         """Teacher and student features.
 
         Args:
             images: (B, V, 3, H, W) ImageNet-normalised, V >= 2, H = W = image_size.
             view_mask: (B, V) bool, True = view present, or None (all present).
+            overlaps: routing "oracle" only: per scale (B, V, A, M), the share of each window's object
+                surface that each candidate window of the other views sees (M = (V-1) A candidates in
+                MultiViewFusion's order; synthetic.WithOverlaps adds them to the synthetic data's items).
         Returns:
             teacher, student: lists of S = 3 tensors (B*V, C_s, h_s, w_s), sample-major.
         """
@@ -890,6 +939,9 @@ class MVAD(nn.Module):
         if view_mask is not None and (view_mask.shape != (B, V) or view_mask.dtype != torch.bool):
             raise ValueError(f"view_mask must be a (B, V) = ({B}, {V}) bool tensor, got "
                              f"{tuple(view_mask.shape)} {view_mask.dtype}")
+        if self.fusion is not None and (self.cfg.routing == "oracle") != (overlaps is not None):
+            raise ValueError("routing 'oracle' ranks windows by the renderer's geometry: the overlaps "
+                             "(synthetic.WithOverlaps) are needed with it and only with it")
         # MVAD STEP 1 of 5 (arXiv:2407.11935, "Overall Architecture of MVAD"): the frozen pre-trained
         # encoder sees every view separately: X_i^j for scale j
         teacher = self.encoder(images.flatten(0, 1))  # S x (B*V, C_s, h_s, w_s)
@@ -897,8 +949,8 @@ class MVAD(nn.Module):
         # (in the code's post-norm form, see MVASBlock): each view attends to the top-k windows of the others.
         # Without them (mvas=False, RD4AD) the encoder's features go straight to the OCBE.
         fused = teacher if self.fusion is None else [
-            fuse(t.unflatten(0, (B, V)), view_mask).flatten(0, 1)  # (B*V, C_s, h_s, w_s)
-            for fuse, t in zip(self.fusion, teacher)]
+            fuse(t.unflatten(0, (B, V)), view_mask, None if overlaps is None else overlaps[s]).flatten(0, 1)
+            for s, (fuse, t) in enumerate(zip(self.fusion, teacher))]  # S x (B*V, C_s, h_s, w_s)
         # MVAD STEP 3 of 5 (RD4AD, arXiv:2201.10703: one-class bottleneck embedding, reverse distillation;
         # the scales fused as the official model/mvad.py): OCBE, then the student decoder reconstructs the
         # teacher's scales
@@ -906,24 +958,26 @@ class MVAD(nn.Module):
         student = self.decoder(bottleneck)  # S x (B*V, C_s, h_s, w_s)
         return teacher, student
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, V, 3, H, W) -> scalar training loss: loss_weight * multi-scale MSE."""
-        teacher, student = self.features(images)
+    def forward(self, images: torch.Tensor, overlaps: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """images: (B, V, 3, H, W) (overlaps: see `features`) -> scalar training loss: loss_weight *
+        multi-scale MSE."""
+        teacher, student = self.features(images, overlaps=overlaps)
         # MVAD STEP 4 of 5 (arXiv:2407.11935, "Multi-Scale MSE"; STEPS 1-3 in `features`): multi-scale MSE
         # between encoder and decoder features, x5 (ADer's L2Loss lam)
         return self.cfg.loss_weight * reconstruction_loss(teacher, student)
 
     @torch.no_grad()
-    def anomaly_map(self, images: torch.Tensor, view_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def anomaly_map(self, images: torch.Tensor, view_mask: torch.Tensor | None = None,
+                    overlaps: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Anomaly maps at input resolution (call model.eval() first: BatchNorm running statistics).
 
         Args:
-            images: (B, V, 3, H, W); view_mask: (B, V) bool or None.
+            images: (B, V, 3, H, W); view_mask: (B, V) bool or None; overlaps: see `features`.
         Returns:
             (B, V, H, W) float32: sum over scales of upsampled (1 - cos), / 9 (ADer's 'add' mode:
             scales x sum of the unit weights), Gaussian sigma 4; zeros for missing views.
         """
-        teacher, student = self.features(images, view_mask)
+        teacher, student = self.features(images, view_mask, overlaps)
         B, V, _, H, W = images.shape
         # MVAD STEP 5 of 5 (RD4AD's map, as the official code; STEPS 1-3 in `features`): 1 - cos per scale,
         # upsampled and summed, then smoothed

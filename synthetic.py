@@ -20,7 +20,16 @@ Design choices (Real-IAD's layout and cameras, everything else ours):
   Real-IAD codes: HS scratch, ZW stain, QS material cut away, BX bulge, CH discoloured patch.
 - A view shows a defect when >= MIN_VISIBLE (0.6%) of its pixels do, else it is rendered without it;
   a defect no camera shows is placed again; a view without it is written as the release does: "OK", no mask.
+- Correspondences (what no real data set gives): every pixel's world point is known, so `visibility`
+  tells which cameras see it (a depth test) and `window_overlaps` which MVAS windows of two views see
+  the same surface. The cache keeps them for a 64 x 64 grid of each view's pixels
+  (`synthetic_geometry/<category>.npz`, about 2 MB per 100 samples; `load_geometry`); MVAD's routing
+  "oracle" and bench/routing.py read them through `WithOverlaps`.
+- Consistency categories (<category>_consistency): every view alone is a normal view, only the views
+  together are anomalous (`render_consistency`): normal samples show the accent parts in one of two
+  colours in every view, defective ones in the other colour in one or two views, masked there.
 """
+import copy
 import json
 import math
 import os
@@ -36,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import Dataset
 
 from data import (CAMERAS, CATEGORIES, ArgumentParser, UserError, find_json, group_views, perlin,
                   perlin_gradients, read_json, run_cli)
@@ -229,16 +239,27 @@ def _object_parts(shape, u, v, main, accent, rng):
     return SHAPES[shape](u, v, main, accent, size)
 
 
-def object_maps(category, res):
+def other_finish(colour):
+    """The second value of a consistency category's disputed colour: silver, or brass for silver."""
+    return "brass" if colour == "silver" else "silver"
+
+
+def object_maps(category, res, recoloured=False):
     """The category's object on an R x R grid over [-EXTENT, EXTENT]^2, canonical pose.
 
     Args:
         category: a Real-IAD category name.
         res: grid side R (the images' resolution).
+        recoloured: the accent parts (the one part of a ring) in `other_finish` of their colour:
+            the second look of the object in a consistency category.
     Returns:
         (5, R, R) tensor: height, albedo r, g, b, specular strength (table included, height 0).
     """
     shape, main, accent = OBJECTS[category]
+    if recoloured and shape == "ring":
+        main = other_finish(main)
+    elif recoloured:
+        accent = other_finish(accent)
     rng = np.random.default_rng(zlib.crc32(category.encode()))
     fine = 2 * res  # built at twice the resolution, then averaged: no aliasing of teeth and weaves
     coords = (torch.arange(fine) + 0.5) / fine * 2 * EXTENT - EXTENT
@@ -633,7 +654,8 @@ def _defect_view(maps, world, surface, hit, light, windows, code, rng, generator
 
     Returns:
         surface: (V, 8, R, R) what the cameras see with the defect; masks: (V, R, R) bool, the
-        pixels that show the defect, emptied for views where they are fewer than MIN_VISIBLE.
+        pixels that show the defect, emptied for views where they are fewer than MIN_VISIBLE; hit:
+        (V, 3, R, R) the world point each pixel sees (moved where a QS or BX defect changes the shape).
     """
     res = world.shape[-1]
     defect = _place_defect(world, code, rng, generator)
@@ -642,8 +664,9 @@ def _defect_view(maps, world, surface, hit, light, windows, code, rng, generator
         moved = (hit_d - hit).abs() > 0.01  # (V, 3, R, R)
         masks = moved[:, 0] | moved[:, 1] | moved[:, 2]  # the pixel sees another surface point
     else:
+        hit_d = hit
         surface_d, masks = _paint(defect, hit, surface)
-    return surface_d, masks & (masks.flatten(1).sum(1).view(-1, 1, 1) >= MIN_VISIBLE * res * res)
+    return surface_d, masks & (masks.flatten(1).sum(1).view(-1, 1, 1) >= MIN_VISIBLE * res * res), hit_d
 
 
 def render_sample(category_maps, code, rng):
@@ -654,7 +677,8 @@ def render_sample(category_maps, code, rng):
         code: None for a normal sample, else one of SYNTH_DEFECTS.
         rng: numpy Generator (everything random about the sample comes from it).
     Returns:
-        images: (V, R, R, 3) uint8; masks: (V, R, R) bool (all False for a normal sample).
+        images: (V, R, R, 3) uint8; masks: (V, R, R) bool (all False for a normal sample); hit:
+        (V, 3, R, R) the world point x, y, z that each pixel sees (the defect's shape included).
     """
     generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
     res = category_maps.shape[-1]
@@ -675,13 +699,126 @@ def render_sample(category_maps, code, rng):
     masks = torch.zeros(len(CAMERAS), res, res, dtype=torch.bool)
     if code is not None:
         for _ in range(10):  # place the defect again (at most 10 times) while no camera shows it
-            surface_d, masks = _defect_view(maps, world, surface, hit, light, windows, code, rng, generator)
+            surface_d, masks, hit_d = _defect_view(maps, world, surface, hit, light, windows, code, rng, generator)
             if masks.any():
                 break
         images = torch.where(masks[:, None], _shade(surface_d, light), images)
+        hit = torch.where(masks[:, None], hit_d, hit)  # what the pixels show: the defect's shape where shown
     noise = grain * torch.randn(images.shape, generator=generator)  # sensor noise
     images = ((images + noise).clamp(0, 1) * 255).round().to(torch.uint8)
-    return images.permute(0, 2, 3, 1).numpy(), masks.numpy()
+    return images.permute(0, 2, 3, 1).numpy(), masks.numpy(), hit
+
+
+# ----------------------------------------------------------------------------- correspondences between views
+# What the renderer knows and no real data set gives: the world point behind every pixel, hence which
+# pixels of two cameras see the same point, and which windows of MVAS's grids see the same surface.
+
+GEOMETRY_GRID = 64  # the cache keeps the geometry of a 64 x 64 grid of each view's pixels
+SEEN_WITHIN = 2.0  # a camera sees a point when its pixel there shows a point at most this many pixels away
+
+
+def project(points, windows, poses=None):
+    """Where each camera's picture shows world points: `_rasterize`'s orthographic projection run
+    forwards, without the depth test (see `visibility`).
+
+    Args:
+        points: (..., 3) world x, y, z.
+        windows: (V, 3) from `camera_windows`.
+        poses: (V, 2) each camera's azimuth and elevation, radians (None: CAMERA_POSES).
+    Returns:
+        (V, ..., 2) the position in each picture, (row, column) as fractions of its side: pixel
+        (r, c) of an R x R picture covers [r / R, (r + 1) / R) x [c / R, (c + 1) / R).
+    """
+    az, el = _camera_angles() if poses is None else (poses[:, 0], poses[:, 1])
+    shape = (-1,) + (1,) * (points.dim() - 1)  # broadcast over the points' shape
+    az, el = az.reshape(shape), el.reshape(shape)
+    centre_a, centre_s, half = (windows[:, k].reshape(shape) for k in range(3))
+    x, y, z = points.unbind(-1)
+    across = -az.sin() * x + az.cos() * y  # (V, ...) the camera's horizontal axis
+    depth = az.cos() * x + az.sin() * y  # towards the camera
+    up = -el.sin() * depth + el.cos() * z  # screen height
+    return torch.stack([((centre_s - up) / half + 1) / 2, ((across - centre_a) / half + 1) / 2], -1)
+
+
+def visibility(points, hit, windows, poses=None):
+    """Which cameras see given object points: a depth test. Camera j sees a point when the pixel it
+    projects to shows that point (within SEEN_WITHIN of that camera's pixels); a nearer surface there
+    occludes it.
+
+    Args:
+        points: (V, ..., 3) world points, those that view i shows at some of its pixels in row i
+            (`hit.permute(0, 2, 3, 1)`: every pixel).
+        hit: (V, 3, R, R) the world point behind each pixel of each view (`render_sample`).
+        windows, poses: as `project`.
+    Returns:
+        (V, V, ...) bool: [i, j] whether camera j sees the points of row i; [i, i]: whether they
+        lie on the object (not on the table).
+    """
+    V, _, R, _ = hit.shape
+    pixel = (project(points, windows, poses) * R).floor().long()  # (V_j, V_i, ..., 2)
+    inside = ((pixel >= 0) & (pixel < R)).all(-1)  # (V_j, V_i, ...)
+    pixel = pixel.clamp(0, R - 1)
+    shown = torch.stack([hit[j][:, pixel[j, ..., 0], pixel[j, ..., 1]] for j in range(V)])  # (V_j, 3, V_i, ...)
+    pixel_size = (2 * windows[:, 2] / R).reshape((-1,) + (1,) * (points.dim() - 1))  # (V_j, 1, ...)
+    close = (shown.movedim(1, -1) - points).norm(dim=-1) < SEEN_WITHIN * pixel_size  # (V_j, V_i, ...)
+    return (inside & close & (points[..., 2] > 0.005)).transpose(0, 1)  # (V_i, V_j, ...)
+
+
+def sample_geometry(hit, windows, grid=GEOMETRY_GRID):
+    """What the cache keeps of a sample's geometry (`synthesize`): a grid x grid subset of each view's
+    pixels (one per grid cell), the world points behind them and which cameras see those points.
+
+    Args:
+        hit: (V, 3, R, R) from `render_sample`; windows: (V, 3) from `camera_windows`; grid: G <= R.
+    Returns:
+        points (V, 3, G, G) float16, seen (V, V, G, G) bool (`visibility` of those points).
+    """
+    R = hit.shape[-1]
+    pick = ((torch.arange(grid) + 0.5) * R / grid).long()  # (G,) a pixel inside each grid cell
+    points = hit[:, :, pick][..., pick]  # (V, 3, G, G)
+    return points.half(), visibility(points.permute(0, 2, 3, 1), hit, windows)
+
+
+def window_overlaps(points, seen, windows, size, n_win, poses=None):
+    """How much of the object surface that each MVAS window of one view sees, each window of every
+    other view sees too: the geometric counterparts of a window, at one scale of the model.
+
+    Args:
+        points, seen: (V, 3, G, G), (V, V, G, G) from `sample_geometry` (a grid cell stands for the
+            pixels it covers).
+        windows, poses: as `project`.
+        size: the side h = w of the feature map that MVAS cuts (e.g. 24 at scale 0 of a 96 px input).
+        n_win: a, windows per side, the map zero-padded to a multiple of it (mvad.window_partition).
+    Returns:
+        (V, A, V, A) with A = a*a, windows row-major: [i, p, j, q] the share of the object pixels of
+        window p of view i whose point camera j sees inside its window q (0 where j == i; over q
+        the shares of one (i, p, j) sum to at most 1).
+    """
+    V, _, G, _ = points.shape
+    tokens = -(-size // n_win)  # tokens per window side (mvad.window_grid)
+    A = n_win * n_win
+
+    def window_of(where):  # (..., 2) positions as fractions of the picture -> (...) window index
+        token = (where.clamp(0, 1 - 1e-6) * size).floor().long() // tokens
+        return token[..., 0] * n_win + token[..., 1]
+
+    centres = (torch.arange(G) + 0.5) / G
+    own = window_of(torch.stack(torch.meshgrid(centres, centres, indexing="ij"), -1)).flatten()  # (G*G,)
+    there = window_of(project(points.permute(0, 2, 3, 1).float(), windows, poses)).flatten(2)  # (V_j, V_i, G*G)
+    overlaps = torch.zeros(V, A, V, A)
+    for i in range(V):
+        surface = torch.bincount(own, seen[i, i].flatten().float(), minlength=A)  # (A,) object pixels
+        for j in set(range(V)) - {i}:
+            shared = torch.bincount(own * A + there[j, i], seen[i, j].flatten().float(), minlength=A * A)
+            overlaps[i, :, j] = shared.view(A, A) / surface.clamp(min=1)[:, None]
+    return overlaps
+
+
+def candidate_overlaps(overlaps):
+    """`window_overlaps` in MVAS's candidate order: for query view i the windows of the other views
+    0..i-1, i+1..V-1, view-major (mvad.MultiViewFusion). (V, A, V, A) -> (V, A, (V-1) A)."""
+    V = overlaps.shape[0]
+    return torch.stack([torch.cat([overlaps[i, :, j] for j in range(V) if j != i], -1) for i in range(V)])
 
 
 def _timestamp(number, view):
@@ -690,7 +827,8 @@ def _timestamp(number, view):
 
 
 def _write_sample(category_dir, category, number, code, images, masks):
-    """Write one sample's images (and masks) in the Real-IAD layout. Returns: its 5 JSON entries."""
+    """Write one sample's images (and masks) in the Real-IAD layout. Returns: its sample key (the
+    file names' stem before the camera) and its 5 JSON entries."""
     if code is None:
         folder, stem = f"OK/S{number:04d}", f"{category}_{number:04d}_OK"
     else:  # Real-IAD's audiojack NG files have a double underscore, so ours do too
@@ -707,24 +845,142 @@ def _write_sample(category_dir, category, number, code, images, masks):
         # like the release: a view of a defective sample that does not show the defect is "OK", no mask
         entries.append({"category": category, "anomaly_class": code if visible else "OK",
                         "image_path": f"{name}.jpg", "mask_path": f"{name}.png" if visible else None})
-    return entries
+    return stem, entries
+
+
+CONSISTENCY = "_consistency"  # the suffix of a consistency category's name: zipper_consistency
+CONSISTENCY_CODE = "CV"  # its defect class: the views disagree (not a Real-IAD code)
+DISPUTED_CONTRAST = 25  # a pixel shows the disputed part when the two looks differ by this much (of 255)
+GEOMETRY_DIR = "synthetic_geometry"  # <root>/synthetic_geometry/<category>.npz: `sample_geometry` per sample
+
+
+def consistency_base(category):
+    """The plain category a consistency category is made of (zipper_consistency -> zipper); None for others."""
+    return category[:-len(CONSISTENCY)] if category.endswith(CONSISTENCY) else None
 
 
 def _check_synthetic_category(category):
-    if category not in CATEGORIES:
-        raise UserError(f"unknown category '{category}'; valid categories: {', '.join(CATEGORIES)}")
+    if (consistency_base(category) or category) not in CATEGORIES:
+        raise UserError(f"unknown category '{category}'; valid categories: {', '.join(CATEGORIES)}, "
+                        f"each also as <category>{CONSISTENCY} (views that disagree, synthetic data only)")
+
+
+def render_consistency(looks, defective, rng, choice):
+    """One sample of a consistency category: every view alone is a normal view, only the views
+    together can be anomalous. Each view shows the object in one of its two looks (`object_maps`:
+    the accent parts in two colours); a normal sample shows one look in every view (either, half of
+    the samples each), a defective one the other look in one or two of its views.
+
+    Args:
+        looks: two (5, R, R) object maps of one category, as `object_maps` and its recoloured twin.
+        defective: whether the views disagree.
+        rng: the rendering's numpy Generator, as `render_sample` takes it: both looks are rendered
+            from copies of it, so with the same pose, light, texture and noise.
+        choice: a numpy Generator for the looks (the majority's and the odd views).
+    Returns:
+        images (V, R, R, 3) uint8; masks (V, R, R) bool, the disputed parts (where the two looks
+        differ) in the views that disagree with the majority; hit (V, 3, R, R) as `render_sample`.
+    """
+    renders = [render_sample(maps, None, copy.deepcopy(rng)) for maps in looks]  # one pose, two looks
+    views = len(CAMERAS)
+    look = np.full(views, choice.integers(2))  # (V,) the majority's look everywhere
+    odd = np.zeros(views, dtype=bool)
+    if defective:
+        odd[choice.choice(views, size=choice.integers(1, 3), replace=False)] = True
+    look[odd] = 1 - look[odd]
+    images = np.where((look == 0)[:, None, None, None], renders[0][0], renders[1][0])  # (V, R, R, 3)
+    disputed = np.abs(renders[0][0].astype(np.int16) - renders[1][0]).max(-1) > DISPUTED_CONTRAST  # (V, R, R)
+    return images, disputed & odd[:, None, None], renders[0][2]
+
+
+def _render_role(maps, looks, code, rng, choice):
+    """A sample of a plain category (`render_sample`; looks None) or of a consistency category
+    (`render_consistency`; code None or CONSISTENCY_CODE). Returns: images, masks, hit."""
+    if looks is None:
+        return render_sample(maps, code, rng)
+    return render_consistency(looks, code is not None, rng, choice)
+
+
+def _write_geometry(out, category, geometry, windows):
+    """Writes every sample's `sample_geometry` to out/GEOMETRY_DIR/<category>.npz (about 6 MB per
+    100 samples), with the cameras' windows: what `load_geometry` reads."""
+    keys = sorted(geometry)
+    (out / GEOMETRY_DIR).mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / GEOMETRY_DIR / f"{category}.npz", keys=np.array(keys), windows=windows.numpy(),
+                        points=np.stack([geometry[key][0].numpy() for key in keys]),
+                        seen=np.stack([geometry[key][1].numpy() for key in keys]))
+
+
+def load_geometry(root, category):
+    """A synthetic category's stored geometry (`_write_geometry`).
+
+    Returns:
+        {sample key: (points (V, 3, G, G), seen (V, V, G, G))} and the windows (V, 3) (`sample_geometry`).
+    """
+    path = Path(root) / GEOMETRY_DIR / f"{category}.npz"
+    if not path.is_file():
+        raise UserError(f"{path} not found: routing 'oracle' needs the geometry that the built-in synthetic data "
+                        "stores beside its images (real data has none); use --set routing=dot or routing=cosine")
+    with np.load(path) as stored:
+        points, seen = torch.from_numpy(stored["points"]), torch.from_numpy(stored["seen"])
+        samples = {key: (points[n], seen[n]) for n, key in enumerate(stored["keys"].tolist())}
+        return samples, torch.from_numpy(stored["windows"])
+
+
+class WithOverlaps(Dataset):
+    """A synthetic split whose items also carry "overlaps": per MVAS scale, every query window's
+    `window_overlaps` with the windows of the other views, in MVAS's candidate order (V, A, (V-1) A):
+    what MVAD's routing "oracle" ranks its candidates by.
+
+    Args:
+        dataset: a data.RealIAD split of the built-in synthetic data (items with "sample_id", "category").
+        root: its data root; sizes: the feature-map side at each MVAS scale; n_win: a at each scale.
+    """
+
+    def __init__(self, dataset, root, sizes, n_win):
+        self.dataset, self.sizes, self.n_win = dataset, list(sizes), list(n_win)
+        self.geometry = {category: load_geometry(root, category) for category in dataset.categories}
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        item = dict(self.dataset[index])
+        samples, windows = self.geometry[item["category"]]
+        points, seen = samples[item["sample_id"]]
+        item["overlaps"] = [candidate_overlaps(window_overlaps(points, seen, windows, size, a))
+                            for size, a in zip(self.sizes, self.n_win)]  # S x (V, A, (V-1) A)
+        return item
+
+
+def routed(dataset, root, model):
+    """The split as the model reads it: for MVAD with routing "oracle" its items also carry each
+    window's geometric overlaps with the other views' windows (`WithOverlaps`); otherwise
+    the split itself."""
+    cfg = getattr(model, "cfg", None)
+    if getattr(cfg, "routing", "dot") != "oracle" or model.fusion is None:
+        return dataset
+    return WithOverlaps(dataset, root, [cfg.image_size // s for s in model.encoder.strides], cfg.n_win)
+
+
+def routing_inputs(batch: dict, device) -> dict:
+    """What a batch of a `routed` split holds for the model beyond the images: {"overlaps": S x
+    (B, V, A, M)} for MVAD's routing "oracle", {} otherwise."""
+    return {"overlaps": [o.to(device) for o in batch["overlaps"]]} if "overlaps" in batch else {}
 
 
 def synthesize(out, category, n_train=40, n_test_normal=30, n_test_defect=30, resolution=256, seed=0):
     """Write a synthetic multi-view split of one category in the Real-IAD layout.
 
-    Writes `out/realiad_<resolution>/<category>/{OK,NG/<code>}/S<nnnn>/*.jpg|png` and
-    `out/realiad_jsons/<category>.json` (meta, train, test; entries in shuffled order). Each sample
-    draws its randomness from (seed, category, its role, its index within the role), so a sample
-    does not change when the other sizes do.
+    Writes `out/realiad_<resolution>/<category>/{OK,NG/<code>}/S<nnnn>/*.jpg|png`,
+    `out/realiad_jsons/<category>.json` (meta, train, test; entries in shuffled order) and each
+    sample's geometry, `out/synthetic_geometry/<category>.npz`. Each sample draws its randomness
+    from (seed, category, its role, its index within the role), so a sample does not change when
+    the other sizes do. A consistency category (<category>_consistency) is made of the plain
+    category's object in two looks (`render_consistency`), its defective samples of class "CV".
     Args:
         out: output folder (the Real-IAD root to pass to `RealIAD`).
-        category: one of CATEGORIES.
+        category: one of CATEGORIES, or one of them with the suffix _consistency.
         n_train: normal training samples.
         n_test_normal, n_test_defect: normal and defective test samples.
         resolution: image side in pixels.
@@ -740,30 +996,42 @@ def synthesize(out, category, n_train=40, n_test_normal=30, n_test_defect=30, re
     if resolution < 32:
         raise UserError(f"resolution must be >= 32 pixels, not {resolution}")
     out = Path(out)
-    category_dir = out / f"realiad_{resolution}" / category
-    maps = object_maps(category, resolution)
-    plan = [("train", None)] * n_train + [("test", None)] * n_test_normal
-    plan += [("test", SYNTH_DEFECTS[i % len(SYNTH_DEFECTS)]) for i in range(n_test_defect)]
-    splits = {"train": [], "test": []}
-    index = Counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: about as fast, and far faster when other jobs load the cores
-    try:
-        for number, (split, code) in enumerate(plan, start=1):
-            role = 0 if split == "train" else 1 if code is None else 2
-            rng = np.random.default_rng([seed, zlib.crc32(category.encode()), role, index[role]])
-            index[role] += 1
-            images, masks = render_sample(maps, code, rng)
-            splits[split] += _write_sample(category_dir, category, number, code, images, masks)
-    finally:
-        torch.set_num_threads(threads)
+    splits, geometry, windows = _render_split(out, category, n_train, n_test_normal, n_test_defect, resolution, seed)
     order = np.random.default_rng(seed)
     content = {"meta": {"prefix": f"{category}/", "normal_class": "OK"},
                **{split: [entries[i] for i in order.permutation(len(entries))]
                   for split, entries in splits.items()}}
     (out / "realiad_jsons").mkdir(parents=True, exist_ok=True)
     (out / "realiad_jsons" / f"{category}.json").write_text(json.dumps(content, indent=1))
+    _write_geometry(out, category, geometry, windows)
     return out
+
+
+def _render_split(out, category, n_train, n_test_normal, n_test_defect, resolution, seed):
+    """Renders and writes every sample of a split (`synthesize`). Returns: the JSON entries per split,
+    {sample key: `sample_geometry`}, the cameras' windows (V, 3)."""
+    base = consistency_base(category)
+    maps = object_maps(base or category, resolution)
+    looks = None if base is None else (maps, object_maps(base, resolution, recoloured=True))
+    plan = [("train", None)] * n_train + [("test", None)] * n_test_normal
+    plan += [("test", CONSISTENCY_CODE if base else SYNTH_DEFECTS[i % len(SYNTH_DEFECTS)]) for i in range(n_test_defect)]
+    splits, geometry, windows = {"train": [], "test": []}, {}, camera_windows(maps)
+    index = Counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: about as fast, and far faster when other jobs load the cores
+    try:
+        for number, (split, code) in enumerate(plan, start=1):
+            role = 0 if split == "train" else 1 if code is None else 2
+            drawn = [seed, zlib.crc32(category.encode()), role, index[role]]
+            index[role] += 1
+            images, masks, hit = _render_role(maps, looks, code, np.random.default_rng(drawn),
+                                              np.random.default_rng(drawn + [1]))
+            key, entries = _write_sample(out / f"realiad_{resolution}" / category, category, number, code, images, masks)
+            splits[split] += entries
+            geometry[key] = sample_geometry(hit, windows)
+    finally:
+        torch.set_num_threads(threads)
+    return splits, geometry, windows
 
 
 def visibility_stats(root, category):
@@ -784,7 +1052,7 @@ def visibility_stats(root, category):
     return counts
 
 
-SYNTH_VERSION = 3  # part of the cache key: bump it when the generator changes what it writes
+SYNTH_VERSION = 4  # part of the cache key: bump it when the generator changes what it writes
 SYNTHETIC_CACHE = Path(__file__).resolve().parent / "data" / "synthetic"  # synthetic_root's default folder
 
 

@@ -322,7 +322,7 @@ def training_loss(model, batch: dict, method: str, device: torch.device) -> dict
     images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, H, W)
     if method == "idif":
         return model(images, batch["corrupted"].to(device, non_blocking=True))
-    return {"loss": model(images)}
+    return {"loss": model(images, **synthetic.routing_inputs(batch, device))}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -380,6 +380,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     log = print if rank == 0 else (lambda *args: None)
     cfg, train_set = prepare_data(cfg, world, device, log)
     model_cfg, model, optimizer = build_model(cfg, train_set[0]["images"].shape[0], device)
+    train_set = synthetic.routed(train_set, Path(cfg.data_root), model)
     random_encoder = announce_protocol(cfg, model, log)
     if optimizer is None:  # training-free: rank 0 fits, then every process evaluates its shard
         if rank == 0:

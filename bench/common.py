@@ -208,12 +208,19 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def json_ready(value):
+    """An argument as JSON keeps it: paths (also in lists) as strings."""
+    if isinstance(value, list):
+        return [json_ready(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
 def write_json(name: str, args: argparse.Namespace, results) -> Path:
     """Writes {benchmark, date, args, machine, results} to <args.out>/<name>.json."""
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{name}.json"
     payload = {"benchmark": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "args": {k: json_ready(v) for k, v in vars(args).items()},
                "machine": machine_info(args.device), "results": results}
     path.write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {path}")

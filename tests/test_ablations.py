@@ -1,5 +1,6 @@
-"""bench/ablations.py in quick mode: every variant's entry and table row are written, and a second call
-trains nothing again. Needs the IDIF switches `bottleneck` and `fusion` (IDIFConfig) for the IDIF rows."""
+"""bench/ablations.py in quick mode: every variant's entry and table row are written, a second call
+trains nothing again, the missing-view curves use the same draws for every variant, and the verdict
+rule on hand-made numbers."""
 import importlib.util
 import json
 import sys
@@ -11,6 +12,7 @@ import data
 import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = "mvad-oracle,rd,idif,patchcore"
 
 
 def load_runner():
@@ -24,38 +26,67 @@ def load_runner():
     return module
 
 
-def test_quick_run_writes_every_variant_and_a_second_call_skips_them(tmp_path, capsys, monkeypatch):
+def test_quick_runs_then_curves_on_paired_draws_and_a_second_call_skips_them(tmp_path, capsys, monkeypatch):
     ablations = load_runner()
     root = synthetic.synthesize(tmp_path / "data", "zipper", n_train=4, n_test_normal=2, n_test_defect=2,
                                 resolution=64, seed=0)
-    argv = ["--quick", "--seeds", "1", "--data-root", str(root), "--runs", str(tmp_path / "runs"),
-            "--out", str(tmp_path / "out")]
+    argv = ["--quick", "--seeds", "1", "--categories", "zipper", "--variants", VARIANTS, "--data-root", str(root),
+            "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
     results = ablations.main(argv)
-    assert set(results["runs"]) == {f"zipper/{v}/42" for v in ablations.VARIANTS}
+    assert set(results["runs"]) == {f"zipper/{v}/42" for v in VARIANTS.split(",")}
     for key, run in results["runs"].items():
         assert 0.0 <= run["sample_auroc"] <= 1.0 and 0.0 <= run["pixel_aupro"] <= 1.0, key
         assert run["train_seconds"] > 0 and run["trainable_parameters"] <= run["parameters"], key
-        assert sorted(run["missing_views"]) == ["1", "2", "3", "4"], key
-        left = [run["missing_views"][k][0]["positives"] for k in ("1", "2", "3", "4")]
-        assert run["positives"] == 2 and all(a >= b for a, b in zip([2] + left, left)), key
+        assert run["positives"] == 2 and "missing_views" not in run, key
     runs = results["runs"]
     assert runs["zipper/patchcore/42"]["trainable_parameters"] == 0
-    assert runs["zipper/rd/42"]["parameters"] < runs["zipper/mvad/42"]["parameters"]
+    assert runs["zipper/rd/42"]["parameters"] < runs["zipper/mvad-oracle/42"]["parameters"]
+    assert f"{len(runs)} runs to do, 0 done" in capsys.readouterr().out
+
+    draws = {}  # variant -> the (K, seed) of every evaluation and camera statistics, in order
+    evaluate, statistics = ablations.evaluation.evaluate, ablations.evaluation.camera_statistics
+
+    def recorded(function, name):
+        def call(model, dataset, device, **kwargs):
+            draws.setdefault(type(model).__name__ + str(getattr(model, "cfg", "")), []).append(
+                (name, kwargs.get("drop_views"), kwargs.get("seed")))
+            return function(model, dataset, device, **kwargs)
+        return call
+
+    monkeypatch.setattr(ablations.evaluation, "evaluate", recorded(evaluate, "evaluate"))
+    monkeypatch.setattr(ablations.evaluation, "camera_statistics", recorded(statistics, "statistics"))
+    results = ablations.main(argv + ["--curves"])
+    assert len(draws) == len(runs) and len({tuple(d) for d in draws.values()}) == 1  # the same draws for all
+    assert [d for d in next(iter(draws.values())) if d[0] == "evaluate"] == [("evaluate", k, 0) for k in (1, 2, 3, 4)]
+    for key, run in results["runs"].items():
+        assert sorted(run["missing_views"]) == ["1", "2", "3", "4"], key
+        left = [run["missing_views"][k][0]["positives"] for k in ("1", "2", "3", "4")]
+        assert all(a >= b for a, b in zip([2] + left, left)), key
+        assert all(run["missing_views"][k][0]["positives_all_views"] == 2 for k in ("1", "2", "3", "4")), key
+
     saved = json.loads((tmp_path / "out" / "ablations_quick.json").read_text())
     assert saved["results"]["runs"] == json.loads(json.dumps(results["runs"]))
     table = (tmp_path / "out" / "ablations_quick.md").read_text()
-    assert all(f"| {label} | 1 |" in table for label, _, _ in ablations.VARIANTS.values())
-    assert "| defective samples left | 2.0 |" in table
-    assert f"{len(runs)} runs to do, 0 done" in capsys.readouterr().out
+    assert all(f"| {ablations.VARIANTS[v][0]} | 1 |" in table for v in VARIANTS.split(","))
+    assert "labelled by all the sample's views" in table and "## Verdicts" in table
 
     def no_training(cfg):
         raise AssertionError(f"{cfg.out} was trained again")
 
     monkeypatch.setattr(ablations.train, "main", no_training)
-    again = ablations.main(argv)
-    assert again["runs"] == saved["results"]["runs"]
+    capsys.readouterr()
+    assert ablations.main(argv)["runs"] == saved["results"]["runs"]
     assert f"0 runs to do, {len(runs)} done" in capsys.readouterr().out
     with pytest.raises(data.UserError, match="was made with other settings"):
         ablations.main(argv + ["--epochs", "2"])
     with pytest.raises(data.UserError, match="--variants spade: unknown"):
         ablations.main(argv + ["--variants", "mvad,spade"])
+
+
+def test_verdict_is_undecided_when_the_gap_is_within_the_two_spreads():
+    verdict = load_runner().verdict
+    assert verdict((0.90, 0.02, 3), (0.80, 0.03, 3)) == "supported"  # 10 points apart, spreads 5 together
+    assert verdict((0.80, 0.03, 3), (0.90, 0.02, 3)) == "contradicted"
+    assert verdict((0.90, 0.05, 3), (0.85, 0.01, 3)) == "undecided"  # 5 points apart, spreads 6 together
+    assert verdict((0.90, 0.0, 1), (0.50, 0.0, 3)) == "undecided"  # one seed decides nothing
+    assert verdict((float("nan"), 0.0, 3), (0.5, 0.0, 3)) == "undecided"

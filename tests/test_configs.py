@@ -18,6 +18,7 @@ BAD = {
         "image_size": [100, 0],
         "n_win": [(0, 0, 0), (14, 9), (14, 9, 17)],  # 17 windows on the 16 x 16 map of scale 3
         "topk": [0, -1],
+        "routing": ["learned", "Dot"],
         "blocks": [(1, 2), (1, -1, 4)],
         "num_heads": [7, 0],
         "mlp_ratio": [0],

@@ -350,6 +350,20 @@ def test_view_norm_statistics_and_what_they_fix():
     assert plain["sample"]["auroc"] < 0.9
 
 
+def test_view_norm_statistics_with_views_removed_count_the_samples_that_keep_each_camera():
+    """With K views removed from every training sample (the draw of `drop_views_mask`), a camera's
+    mean and std come from the samples that keep it, checked by hand."""
+    train_set = noisy_dataset("train", 12, seed=1)
+    stats = camera_statistics(LoudFirstCamera(), train_set, "cpu", batch_size=5, drop_views=2, seed=3)
+    scores = (torch.stack([item["images"][:, 0, 0, 0] for item in train_set]) + torch.tensor([10.0, 0, 0, 0, 0])).numpy()
+    kept = drop_views_mask(12, 5, 2, seed=3).numpy()  # (12, 5)
+    assert (kept.sum(0) < 12).all() and (kept.sum(0) > 1).all()
+    for v in range(5):
+        column = scores[kept[:, v], v]  # the scores of camera v in the samples that keep it
+        assert stats["zipper"][0, v].item() == pytest.approx(column.mean(), rel=1e-6)
+        assert stats["zipper"][1, v].item() == pytest.approx(column.std(), rel=1e-5)
+
+
 def test_top_level_metrics_are_the_mean_over_categories_not_the_pooled_value():
     """Two categories whose normal levels differ by 3: each category's sample AUROC (sklearn on the
     max over views of the levels written into the images) enters the top level as their mean; the

@@ -399,9 +399,11 @@ def test_masked_out_view_has_no_influence():
         model.anomaly_map(images, view_mask=mask[:, :2])
 
 
-def official_fusion(fusion, feats, view_mask=None):
+def official_fusion(fusion, feats, view_mask=None, overlap=None):
     """MultiViewFusion.forward as the official code runs it: one query view at a time against its
-    other views concatenated in order, padded and cut again in every block (the plain MVAS)."""
+    other views concatenated in order, padded and cut again in every block (the plain MVAS).
+    `overlap` (our oracle routing's input) must be None: the official code has no such routing."""
+    assert overlap is None
     B, V, C, H, W = feats.shape
     x = feats.permute(0, 1, 3, 4, 2)  # (B, V, H, W, C)
     pos = detr_sine_embedding(H, W, C)
@@ -624,7 +626,7 @@ def test_anomaly_map_and_loss_composed_from_the_features(monkeypatch):
     model = MVAD(tiny_config()).eval()
     B, V = 2, 3
     teacher, student = fixed_features(B * V)
-    monkeypatch.setattr(model, "features", lambda images, view_mask=None: (teacher, student))
+    monkeypatch.setattr(model, "features", lambda images, view_mask=None, overlaps=None: (teacher, student))
     images = torch.zeros(B, V, 3, 64, 64)
     total = torch.zeros(B * V, 64, 64, dtype=torch.float64)
     for t, s in zip(teacher, student):

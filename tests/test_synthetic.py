@@ -104,8 +104,8 @@ def test_defects_contrast_with_the_same_sample_without_them(category):
     contrasts = []
     for index in range(10):  # two of each kind
         seed = [0, zlib.crc32(category.encode()), 2, index]  # the seeds `synthesize` gives them
-        images, masks = synthetic.render_sample(maps, synthetic.SYNTH_DEFECTS[index % 5], np.random.default_rng(seed))
-        normal, empty = synthetic.render_sample(maps, None, np.random.default_rng(seed))
+        images, masks, _ = synthetic.render_sample(maps, synthetic.SYNTH_DEFECTS[index % 5], np.random.default_rng(seed))
+        normal, empty, _ = synthetic.render_sample(maps, None, np.random.default_rng(seed))
         assert masks.any() and not empty.any()
         change = np.abs(images.astype(float) - normal).max(-1) / 255  # (V, R, R)
         for view in np.nonzero(masks.any((1, 2)))[0]:
