@@ -123,7 +123,7 @@ QUOTED = {
                 "defect views [0.325, 0.322], normal views [0.187, 0.179, 0.212]", "dropped share: 0.1978", "8.0e-03",
                 "5.2e-01"],
     "05_training": ["batch 4, 15 epochs", "41.86 -> 14.25", "0.7% lower than the one before", "6.26 -> 1.69",
-                    "x0.1 from epoch 13", "19.5 s per epoch", "9.6 s per epoch", "94.7/95.6/87.5", "93.4/95.4/89.3",
+                    "x0.1 from epoch 13", "19.0 s per epoch", "8.5 s per epoch", "94.7/95.6/87.5", "93.4/95.4/89.3",
                     "96.4/95.2/91.2", "94.0/91.6/84.7", "26 of 27", "0.899", "0.750", "0.806",
                     "mvad: highest raw score C5 (normal view)", "highest normalised score C4 (defect view)",
                     "0.017 to 0.077", "0.062 to 0.179", "16.8 (14-19)", "75.6", "89.4", "83.7 ± 6.2", "95.2 ± 0.5",
