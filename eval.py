@@ -1,5 +1,5 @@
-"""Evaluate a trained MVAD, IDIF or PatchCore run at sample, image and pixel level, in bounded
-memory; apply it to new images.
+"""Evaluate a trained MVAD, IDIF, UniAD or SimpleNet run, or a fitted PatchCore, at sample, image and pixel
+level, in bounded memory; apply it to new images.
 
 Prints a table in the papers' format and writes metrics.json, metrics.md and pictures (PNG).
 

@@ -512,9 +512,9 @@ def read_torch_file(path, what: str, kind: str, fix: str = ""):
         raise ValueError(f"{what}: not a readable {kind} ({type(e).__name__})" + (f"; {fix}" if fix else "")) from None
 
 
-def imagenet_file(arch: str) -> Path:
-    """Where torchvision looks for the ImageNet file: <torch hub dir>/checkpoints/<file>."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(ENCODERS[arch][1].url).name
+def imagenet_file(weights: torchvision.models.WeightsEnum) -> Path:
+    """Where torchvision looks for an ImageNet file: <torch hub dir>/checkpoints/<file>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 
 class FrozenEncoder(nn.Module):
@@ -523,16 +523,21 @@ class FrozenEncoder(nn.Module):
     weights: "imagenet" (torchvision's weights API: the torch hub cache, downloaded when online;
     fails with a ValueError naming the file and folder when neither works), "auto" (ImageNet when
     available, else a random-init encoder, said in one line), "none" (random init) or a path to a
-    torchvision/timm ResNet state dict. A random-init encoder has `needs_calibration` True until
-    `calibrate` has re-estimated its BatchNorm statistics; the flag is a buffer, so checkpoints
-    carry it together with the statistics.
+    torchvision/timm state dict of the network. A random-init encoder has `needs_calibration` True
+    until `calibrate` has re-estimated its BatchNorm statistics; the flag is a buffer, so checkpoints
+    carry it together with the statistics. The network-specific part is `networks`, `unused`,
+    `take_stages` and `forward`: uniad.FrozenEfficientNet replaces them for EfficientNet-B4 and keeps
+    the rest (weights, calibration, always eval).
     """
+
+    networks = ENCODERS  # the networks that take_stages cuts, by name
+    unused = ("layer4.", "fc.")  # the layers left out, which a weights file need not hold
 
     def __init__(self, arch: str = "resnet34", weights: str = "auto"):
         super().__init__()
-        if arch not in ENCODERS:
-            raise ValueError(f"--backbone {arch!r} is unknown; choose one of: {', '.join(ENCODERS)}")
-        build, _ = ENCODERS[arch]
+        if arch not in self.networks:
+            raise ValueError(f"--backbone {arch!r} is unknown; choose one of: {', '.join(self.networks)}")
+        build, _ = self.networks[arch]
         net = build(weights=None)
         state = self._read_weights(arch, weights)
         if state is not None:
@@ -541,31 +546,35 @@ class FrozenEncoder(nn.Module):
             except RuntimeError:  # wrong tensor shapes
                 raise ValueError(f"--weights {weights}: the tensors do not fit a {arch} (another "
                                  f"architecture's file?); give a torchvision/timm {arch} state dict")
-            missing = [k for k in missing if not k.startswith(("layer4.", "fc."))]
+            missing = [k for k in missing if not k.startswith(self.unused)]
             if missing or unexpected:
                 raise ValueError(f"--weights {weights}: not a {arch} state dict (missing {missing[:3]}, "
                                  f"unexpected {unexpected[:3]}); give a torchvision/timm {arch} file")
-        self.conv1, self.bn1, self.layer1, self.layer2, self.layer3 = \
-            net.conv1, net.bn1, net.layer1, net.layer2, net.layer3
-        self.channels = encoder_channels(arch)  # stages 1-3
-        self.strides = ENCODER_STRIDES  # of stages 1-3
+        self.take_stages(net, arch)
         self.register_buffer("bn_ready", torch.tensor(state is not None))
         self.requires_grad_(False)
         self.train(False)
 
-    @staticmethod
-    def _read_weights(arch: str, weights: str) -> dict | None:
+    def take_stages(self, net: nn.Module, arch: str) -> None:
+        """Keeps the ResNet's stem and stages 1-3 (layer4 and fc are left out) and their widths."""
+        self.conv1, self.bn1, self.layer1, self.layer2, self.layer3 = \
+            net.conv1, net.bn1, net.layer1, net.layer2, net.layer3
+        self.channels = encoder_channels(arch)  # stages 1-3
+        self.strides = ENCODER_STRIDES  # of stages 1-3
+
+    def _read_weights(self, arch: str, weights: str) -> dict | None:
         """The state dict to load, or None for random init (after saying why, for "auto")."""
         if weights == "none":
             return None
         if weights in ("auto", "imagenet"):
-            file = imagenet_file(arch)
+            imagenet = self.networks[arch][1]
+            file = imagenet_file(imagenet)
             try:  # reads the hub cache, else downloads (offline: URLError)
-                return ENCODERS[arch][1].get_state_dict(progress=False)
+                return imagenet.get_state_dict(progress=False)
             except Exception as e:  # torch raises many different types for a failed download or read
                 if file.is_file():
                     raise ValueError(f"{file}: cannot be read ({type(e).__name__}); delete or replace it")
-                where = f"{file.name} into {file.parent} (from {ENCODERS[arch][1].url})"
+                where = f"{file.name} into {file.parent} (from {imagenet.url})"
                 if weights == "imagenet":
                     raise ValueError(f"--weights imagenet: the ImageNet {arch} file is missing and cannot "
                                      f"be downloaded ({type(e).__name__}); put {where}, or use --weights auto")
@@ -603,7 +612,7 @@ class FrozenEncoder(nn.Module):
             bn.training = True
         seen = 0
         for x in batches:
-            self(x.to(self.conv1.weight.device))
+            self(x.to(self.bn_ready.device))
             seen += 1
         for bn in norms:
             bn.momentum = 0.1  # torchvision's default
@@ -829,14 +838,15 @@ def is_count(value, least: int = 1) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
-def check_recipe(cfg, source: str) -> None:
-    """`check_field` for the optimiser's fields that MVADConfig and IDIFConfig share; source says
-    whose values the defaults are ("official", or where the paper is silent, whose we took)."""
-    check_field(cfg, "base_lr", cfg.base_lr > 0, "positive", f"{source}: 0.005")
-    check_field(cfg, "weight_decay", cfg.weight_decay >= 0, "at least 0 (0: no decay)", f"{source}: 1e-4")
-    check_field(cfg, "clip", cfg.clip > 0, "positive", f"{source}: 5")
-    check_field(cfg, "lr_decay_at", 0 < cfg.lr_decay_at <= 1, "in (0, 1] (1: not before the last epoch)",
-                f"{source}: 0.8")
+def check_recipe(cfg, source: str, values: tuple[str, str, str, str] = ("0.005", "1e-4", "5", "0.8")) -> None:
+    """`check_field` for the fields of TrainingRecipe that every trained method's config has; source says
+    whose values the defaults are ("official", or where the paper is silent, whose we took), values what
+    they are (base_lr, weight_decay, clip, lr_decay_at; MVAD's official ones unless given)."""
+    base_lr, weight_decay, clip, lr_decay_at = values
+    check_field(cfg, "base_lr", cfg.base_lr > 0, "positive", f"{source}: {base_lr}")
+    check_field(cfg, "weight_decay", cfg.weight_decay >= 0, "at least 0 (0: no decay)", f"{source}: {weight_decay}")
+    check_field(cfg, "clip", cfg.clip > 0, "positive", f"{source}: {clip}")
+    check_field(cfg, "lr_decay_at", 0 < cfg.lr_decay_at <= 1, "in (0, 1] (1: never)", f"{source}: {lr_decay_at}")
 
 
 @dataclass
@@ -847,7 +857,7 @@ class TrainingRecipe:
     base_lr: float = 0.005  # rate per 16 images: lr = base_lr * images per step / 16 (ADer's rule); official: 0.005
     weight_decay: float = 1e-4  # AdamW weight decay, on weights only (not biases and norms; 0: none); official: 1e-4
     clip: float = 5.0  # gradient-norm clip; official: 5
-    lr_decay_at: float = 0.8  # the rate drops x0.1 after this share of the epochs; official: epoch 80 of 100
+    lr_decay_at: float = 0.8  # the rate drops x0.1 after this share of the epochs (1: never); official: epoch 80 of 100
 
 
 @dataclass

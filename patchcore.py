@@ -92,7 +92,7 @@ def patch_features(stage2: torch.Tensor, stage3: torch.Tensor, patch_size: int, 
     return channel_pool(stacked, width).permute(0, 2, 3, 1)  # (N, h, w, D)
 
 
-# ----------------------------------------------------------------------------- coreset and search
+# ----------------------------------------------------------------------------- coreset, search, map
 
 
 def greedy_coreset(features: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -151,6 +151,20 @@ def nearest_neighbour_distance(queries: torch.Tensor, bank: torch.Tensor, chunk:
     rows = max(1, chunk // max(1, bank.shape[0]))
     nearest = [torch.cdist(q, bank).amin(dim=1) for q in queries.split(rows)]  # X/rows x (rows,)
     return torch.cat(nearest).square()  # (X,)
+
+
+def score_map(scores: torch.Tensor, size, sigma: float) -> torch.Tensor:
+    """Patch scores -> anomaly map: bilinear upsampling to the input (align_corners=False) and Gaussian
+    smoothing, as the official RescaleSegmentor (src/patchcore/common.py; SimpleNet's common.py keeps it).
+
+    Args:
+        scores: (N, h, w) one score per patch.
+        size: (H, W); sigma: the Gaussian's standard deviation in pixels (official: 4).
+    Returns:
+        (N, H, W).
+    """
+    maps = F.interpolate(scores[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]  # (N, H, W)
+    return gaussian_blur(maps, sigma)
 
 
 # ----------------------------------------------------------------------------- config and model
@@ -261,9 +275,7 @@ class PatchCore(nn.Module):
         scores = torch.stack([nearest_neighbour_distance(features[:, v].reshape(-1, D), banks[v]).view(B, h, w)
                               for v in range(V)], dim=1)  # (B, V, h, w)
         # STEP 5: bilinear upsampling to the input and Gaussian smoothing (Sec. 3.3)
-        maps = F.interpolate(scores.flatten(0, 1)[:, None], size=(H, W), mode="bilinear",
-                             align_corners=False)[:, 0]  # (N, H, W)
-        maps = gaussian_blur(maps, self.cfg.blur_sigma).view(B, V, H, W)  # (B, V, H, W)
+        maps = score_map(scores.flatten(0, 1), (H, W), self.cfg.blur_sigma).view(B, V, H, W)  # (B, V, H, W)
         if view_mask is not None:
             maps = maps * view_mask[:, :, None, None]
         return maps

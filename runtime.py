@@ -26,9 +26,12 @@ import data
 from idif import IDIF, IDIFConfig
 from mvad import MVAD, MVADConfig
 from patchcore import PatchCore, PatchCoreConfig
+from simplenet import SimpleNet, SimpleNetConfig
+from uniad import UniAD, UniADConfig
 
 # name -> (config dataclass, model): every model has anomaly_map(images, view_mask) -> (B, V, H, W)
-METHODS = {"mvad": (MVADConfig, MVAD), "idif": (IDIFConfig, IDIF), "patchcore": (PatchCoreConfig, PatchCore)}
+METHODS = {"mvad": (MVADConfig, MVAD), "idif": (IDIFConfig, IDIF), "patchcore": (PatchCoreConfig, PatchCore),
+           "uniad": (UniADConfig, UniAD), "simplenet": (SimpleNetConfig, SimpleNet)}
 
 
 # ----------------------------------------------------------------------------- device, threads, memory

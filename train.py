@@ -1,26 +1,27 @@
-"""Train MVAD or IDIF, or fit PatchCore, on Real-IAD (or the built-in synthetic multi-view data), then evaluate.
+"""Train MVAD, IDIF, UniAD or SimpleNet, or fit PatchCore, on Real-IAD (or the built-in synthetic data), then evaluate.
 
     python train.py --method idif --category zipper             # offline: synthetic data, CPU or GPU
     python train.py --method patchcore --category zipper        # the single-view baseline: no epochs
     python train.py --method mvad --category all --data-root /data/Real-IAD
     torchrun --nproc_per_node=4 train.py --method mvad --category all --data-root /data/Real-IAD
+    python train.py --method uniad --category zipper,audiojack,toy  # the deck's comparators; one model, 3 classes
     python train.py --method idif --category zipper --resume    # continue runs/idif_zipper/last.pt
     python train.py --method mvad --set topk=8 --set n_win=8,8,8  # any MVADConfig / IDIFConfig field
 
-One loop serves both methods: a batch is (B, V, 3, H, W), the last partial one dropped as in the
-official code (`fit_batch`); MVAD's loss needs only the clean views, IDIF's also the
-pseudo-anomalous ones (data.PseudoAnomalies). The optimiser recipe is in each method's config (the
-fields of mvad.TrainingRecipe in MVADConfig / IDIFConfig: base_lr, weight_decay, clip, lr_decay_at).
-PatchCore (patchcore.py) is training-free: one pass over the training images fills its memory bank,
-saved in last.pt. After the last epoch (or the fit) the run is evaluated by eval.py's `main`
-(metrics.json, metrics.md and pictures in --out); a run whose settings are not the papers' says so in
-one line (eval.protocol_note).
+One loop serves every trained method: a batch is (B, V, 3, H, W), the last partial one dropped as in
+the official code (`fit_batch`); the losses of MVAD, UniAD and SimpleNet need only the clean views,
+IDIF's also the pseudo-anomalous ones (data.PseudoAnomalies). The optimiser recipe is in each method's
+config (the fields of mvad.TrainingRecipe: base_lr, weight_decay, clip, lr_decay_at; SimpleNet's two
+parts train at their own rates, its `parameter_groups`). PatchCore (patchcore.py) is training-free: one
+pass over the training images fills its memory bank, saved in last.pt. After the last epoch (or the
+fit) the run is evaluated by eval.py's `main` (metrics.json, metrics.md and pictures in --out); a run
+whose settings are not the papers' says so in one line (eval.protocol_note).
 
 Profiles: with a GPU the defaults are the papers' settings (256x256, batch 8 samples, 100 epochs);
 on a CPU a small profile (`PROFILES["cpu"]`: 128x128, batch 4, 15 epochs, per-camera score
-normalisation; MVAD at 96x96, `CPU_METHOD_PROFILES`) keeps the default command within about five
-minutes on a 2-core machine (timed in the README's "What to expect"). Every default can be
-overridden by its flag.
+normalisation; MVAD and SimpleNet at 96x96, `CPU_METHOD_PROFILES`) keeps the default command within
+about five minutes on a 2-core machine (timed in the README's "What to expect"). Every default can
+be overridden by its flag.
 
 Reproducibility: the model is initialised from --seed, and the sampler order, the pseudo-anomalies
 and every random draw inside the model (dropout, DropPath, view dropout, the bottleneck's noise) are
@@ -66,8 +67,9 @@ PROFILES = {
 }
 # An MVAD step costs about twice an IDIF step at 128 px (bench/train.py), which put MVAD's default
 # command over five minutes on the slower 2-core machine: on a CPU MVAD trains and evaluates at 96 px,
-# which on the synthetic data scored no lower than 128 px (README, "Performance").
-CPU_METHOD_PROFILES = {"mvad": dict(image_size=96)}
+# which on the synthetic data scored no lower than 128 px (README, "Performance"). SimpleNet's adaptor
+# and discriminator see every patch at width 1536, which costs it more than an MVAD step: 96 px too.
+CPU_METHOD_PROFILES = {"mvad": dict(image_size=96), "simplenet": dict(image_size=96)}
 
 
 def profile_for(device: torch.device, method: str | None = None) -> dict:
@@ -80,7 +82,7 @@ def profile_for(device: torch.device, method: str | None = None) -> dict:
 
 @dataclass
 class TrainConfig:
-    method: str = "idif"  # mvad | idif | patchcore
+    method: str = "idif"  # mvad | idif | patchcore | uniad | simplenet
     category: str = "zipper"  # a Real-IAD category, a comma list, or "all" (multi-class)
     data_root: str | None = None  # Real-IAD folder; None: $REALIAD_ROOT or ./data/realiad, else synthetic
     out: str | None = None  # run folder; None: runs/<method>_<category>
@@ -191,7 +193,11 @@ def training_free(method: str) -> bool:
 
 
 def build_optimizer(model: torch.nn.Module, model_cfg, lr: float) -> torch.optim.AdamW:
-    """AdamW with the config's weight decay on weight matrices and kernels only, not on biases and norms."""
+    """AdamW with the config's weight decay on weight matrices and kernels only, not on biases and norms;
+    a model whose parts train at their own rates and decays names its groups itself (SimpleNet's
+    `parameter_groups(lr)`: the adaptor and the discriminator, as its official two optimisers)."""
+    if hasattr(model, "parameter_groups"):
+        return torch.optim.AdamW(model.parameter_groups(lr), lr=lr, betas=(0.9, 0.999))
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": model_cfg.weight_decay},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
@@ -317,12 +323,13 @@ def data_parallel(model: torch.nn.Module, device: torch.device, world: int, log)
 
 
 def training_loss(model, batch: dict, method: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """One batch's {"loss": scalar loss} and, for IDIF, the parts its forward reports (detached);
-    IDIF's student also sees the pseudo-anomalous views."""
+    """One batch's {"loss": scalar loss} and the parts that a forward returning a dict reports (IDIF:
+    L_Distill, L_IB, ...; SimpleNet: p_true, p_fake); IDIF's student also sees the pseudo-anomalous views."""
     images = batch["images"].to(device, non_blocking=True)  # (B, V, 3, H, W)
     if method == "idif":
         return model(images, batch["corrupted"].to(device, non_blocking=True))
-    return {"loss": model(images, **synthetic.routing_inputs(batch, device))}
+    out = model(images, **synthetic.routing_inputs(batch, device))
+    return out if isinstance(out, dict) else {"loss": out}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -386,8 +393,7 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
         if rank == 0:
             return fit_memory_bank(cfg, model, model_cfg, random_encoder, train_set, device, log)
         return evaluate_checkpoint(cfg, device)
-    milestone = max(1, int(model_cfg.lr_decay_at * cfg.epochs))
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [milestone], gamma=0.1)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [decay_milestone(model_cfg, cfg.epochs)], gamma=0.1)
     start, history = resume_or_calibrate(cfg, model, optimizer, scheduler, train_set, device, rank, log)
     net = training_net(cfg, model, device, world, log)
     loader = training_loader(cfg, train_set, rank, world, device)
@@ -398,6 +404,14 @@ def run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
         if rank == 0:
             save_epoch(cfg, model_cfg, model, optimizer, scheduler, history, random_encoder)
     return evaluate_checkpoint(cfg, device)
+
+
+def decay_milestone(model_cfg, epochs: int) -> int:
+    """The epochs after which the rate drops x0.1: lr_decay_at of them (at least 1); with lr_decay_at 1
+    never (SimpleNet's constant rate), not even in a run extended with --resume --epochs (restore_schedule)."""
+    if model_cfg.lr_decay_at >= 1:
+        return epochs + 1
+    return max(1, int(model_cfg.lr_decay_at * epochs))
 
 
 def prepare_data(cfg: TrainConfig, world: int, device: torch.device, log) -> tuple:

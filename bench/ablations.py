@@ -34,7 +34,8 @@ run's own output goes to log.txt in its folder.
 Variants are switches of the methods' configs: the "RD" column of the papers' tables (MVAD without
 MVAS), MVAS's routing (`routing`: the official dot product, the cosine, the oracle of the renderer's
 geometry), MVAD's window count and top-K (the paper's Fig. 4 and 5), IDIF's ablation rows (per-view
-ensemble: no consistency bottleneck and no fusion; +IVC: no bottleneck; full IDIF; no view dropout).
+ensemble: no consistency bottleneck and no fusion; +IVC: no bottleneck; full IDIF; no view dropout);
+the deck's two comparators, UniAD and SimpleNet (uniad.py, simplenet.py).
 --quick: 64 px, 1 epoch, a tiny synthetic split (4 training samples, 2 + 2 test), tiny models, 1 draw.
 """
 import contextlib
@@ -72,11 +73,13 @@ VARIANTS = {
     "idif": ("IDIF (+IVC +CB)", "idif", {}),
     "idif-no-dropout": ("IDIF without view dropout", "idif", {"view_dropout": 0.0}),
     "patchcore": ("PatchCore", "patchcore", {}),
+    "uniad": ("UniAD", "uniad", {}),
+    "simplenet": ("SimpleNet", "simplenet", {}),
 }
 IDIF_ROWS = ["idif-ensemble", "idif-ivc", "idif", "idif-no-dropout"]
 PLAN = {  # the study: category -> its variants (the oracle needs the synthetic data's geometry)
     "zipper": ["mvad", "rd", "mvad-oracle", "mvad-cosine", *IDIF_ROWS, "patchcore", "mvad-a4", "mvad-a8",
-               "mvad-k1", "mvad-k8"],
+               "mvad-k1", "mvad-k8", "uniad", "simplenet"],
     "audiojack": ["mvad", "rd", *IDIF_ROWS, "patchcore"],
     "zipper_consistency": ["mvad", "mvad-oracle", "rd", "idif", "idif-ensemble", "patchcore"],
 }
@@ -84,7 +87,10 @@ FIRST_SEED = 42  # train.py's default
 QUICK = dict(image_size=64, batch_size=2, epochs=1, synthetic_train=4, synthetic_test=2, weights="none")
 QUICK_MODEL = {"mvad": {"backbone": "resnet18", "n_win": (2, 2, 2), "blocks": (1, 1, 1)},
                "idif": {"voxel_size": (2, 4, 4), "fusion_blocks": 1},
-               "patchcore": {"backbone": "resnet18", "width": 64}}
+               "patchcore": {"backbone": "resnet18", "width": 64},
+               "uniad": {"hidden_dim": 32, "num_heads": 4, "encoder_layers": 1, "decoder_layers": 1, "ffn_dim": 64,
+                         "neighbor_size": 3},
+               "simplenet": {"backbone": "resnet18", "width": 64, "hidden": 32}}
 METRICS = {"sample_auroc": ("sample", "auroc"), "sample_ap": ("sample", "ap"), "image_auroc": ("image", "auroc"),
            "pixel_auroc": ("pixel", "auroc"), "pixel_aupro": ("pixel", "aupro")}
 

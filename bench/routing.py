@@ -144,16 +144,25 @@ def untrained_model(config: dict, root: Path, category: str, device) -> mvad.MVA
     return model.eval()
 
 
+def run_labels(folders: list[Path]) -> list[str]:
+    """A label per run folder: its name, or parent/name for all of them where two share a name (the study's
+    runs are runs/ablations/<category>/<variant>/seed<seed>: "mvad/seed42", "mvad-cosine/seed42")."""
+    names = [folder.name for folder in folders]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{folder.parent.name}/{folder.name}" for folder in folders]
+
+
 def models(args) -> list[tuple[str, mvad.MVAD, Path, str]]:
     """(label, model in eval mode, data root, category) for every --runs folder, then --untrained."""
     out = []
-    for run in args.runs:
-        path = run / "last.pt" if run.is_dir() else run
+    paths = [run / "last.pt" if run.is_dir() else run for run in args.runs]
+    for run, path, label in zip(args.runs, paths, run_labels([path.parent for path in paths])):
         model, checkpoint = evaluation.load_model(str(path))
         if checkpoint["method"] != "mvad" or model.fusion is None:
             raise data.UserError(f"--runs {run}: not an MVAD run with MVAS blocks ({checkpoint['method']})")
         settings = checkpoint["train"]
-        out.append((path.parent.name, runtime.place(model, args.device).eval(), Path(settings["data_root"]),
+        out.append((label, runtime.place(model, args.device).eval(), Path(settings["data_root"]),
                     settings["category"]))
     if args.untrained and out:  # the first run's config and data
         config, root, category = dataclasses.asdict(out[0][1].cfg), out[0][2], out[0][3]

@@ -9,6 +9,8 @@ import pytest
 from idif import IDIFConfig
 from mvad import MVADConfig
 from patchcore import PatchCoreConfig
+from simplenet import SimpleNetConfig
+from uniad import UniADConfig
 
 # config -> field -> bad values, each tried alone on the defaults (256 px)
 BAD = {
@@ -64,6 +66,41 @@ BAD = {
         "per_camera": ["true"],
         "blur_sigma": [-1.0],
     },
+    UniADConfig: {  # defaults: 224 px, a 14 x 14 grid
+        "weights": [""],
+        "image_size": [72, 0],
+        "hidden_dim": [0, 255],
+        "num_heads": [7, 0],
+        "encoder_layers": [0],
+        "decoder_layers": [0],
+        "ffn_dim": [0],
+        "dropout": [1.0, -0.1],
+        "neighbor_size": [2, 0, 15],  # 15: the centre cell of 14 x 14 would see no key
+        "jitter_scale": [-1.0],
+        "jitter_prob": [1.5, -0.1],
+        "blur_sigma": [-1.0],
+        "base_lr": [0.0],
+        "weight_decay": [-1e-4],
+        "clip": [0.0],
+        "lr_decay_at": [0.0, 1.5],
+    },
+    SimpleNetConfig: {
+        "backbone": ["resnet50"],
+        "weights": [""],
+        "image_size": [100, 0],
+        "patch_size": [2, 0],
+        "width": [0],
+        "hidden": [0],
+        "noise_std": [0.0],
+        "margin": [-0.5],
+        "blur_sigma": [0.0],
+        "base_lr": [-0.1],
+        "adaptor_lr_scale": [0.0],
+        "weight_decay": [-1e-5],
+        "adaptor_weight_decay": [-0.01],
+        "clip": [0.0],
+        "lr_decay_at": [1.5],
+    },
 }
 FIELDS = [(config, f.name) for config in BAD for f in dataclasses.fields(config)]
 
@@ -89,6 +126,10 @@ def test_the_bad_values_name_only_fields():
     (IDIFConfig, dict(image_size=48, patch_size=3, num_views=1, heads=256, view_dropout=0.0, kl_weight=0.0,
                       voxel_size=(1, 1, 1), lr_decay_at=1.0)),
     (PatchCoreConfig, dict(image_size=16, patch_size=1, width=1, projection_dim=1, coreset_fraction=1.0)),
+    (UniADConfig, dict(image_size=64, hidden_dim=2, num_heads=2, neighbor_size=3, jitter_scale=0.0, jitter_prob=0.0,
+                       blur_sigma=0.0, dropout=0.0, lr_decay_at=1.0)),
+    (SimpleNetConfig, dict(image_size=16, patch_size=1, width=1, hidden=1, margin=0.0, weight_decay=0.0,
+                           adaptor_weight_decay=0.0, lr_decay_at=1.0)),
 ])
 def test_legal_values_far_from_the_papers_pass(config, values):
     config(**values)  # raises nothing: the smallest sizes, zero where it is a switch, a top-k beyond the windows

@@ -29,6 +29,8 @@ from metrics import LEVEL_KEYS, connected_components, image_scores
 from mvad import MVAD, MVADConfig
 from patchcore import PatchCore, PatchCoreConfig
 from runtime import accelerate, autocast
+from simplenet import SimpleNet, SimpleNetConfig
+from uniad import UniAD, UniADConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -213,7 +215,11 @@ def test_under_bf16_autocast_maps_losses_and_metric_inputs_stay_float32():
                                       blocks=(1, 1, 1))),
               "idif": IDIF(IDIFConfig(image_size=SIZE, num_views=2, weights="none", voxel_size=(2, 4, 4),
                                       fusion_blocks=1)),
-              "patchcore": PatchCore(PatchCoreConfig(backbone="resnet18", width=64, weights="none", image_size=SIZE))}
+              "patchcore": PatchCore(PatchCoreConfig(backbone="resnet18", width=64, weights="none", image_size=SIZE)),
+              "uniad": UniAD(UniADConfig(weights="none", image_size=SIZE, hidden_dim=32, num_heads=4, encoder_layers=1,
+                                         decoder_layers=1, ffn_dim=64, neighbor_size=3)),
+              "simplenet": SimpleNet(SimpleNetConfig(backbone="resnet18", weights="none", image_size=SIZE, width=64,
+                                                     hidden=32))}
     models["patchcore"].fit(iter([images]), seed=0)
     for name, model in models.items():
         fp32 = model.eval().anomaly_map(images)
@@ -222,7 +228,8 @@ def test_under_bf16_autocast_maps_losses_and_metric_inputs_stay_float32():
         assert (maps.bfloat16().float() != maps).float().mean() > 0.9, name
         assert not torch.equal(maps, fp32), name  # the features were bf16
     with autocast("cpu", "bf16"):
-        losses = [models["mvad"].train()(images), *models["idif"].train()(images, images).values()]
+        losses = [models["mvad"].train()(images), *models["idif"].train()(images, images).values(),
+                  models["uniad"].train()(images), *models["simplenet"].train()(images).values()]
     assert all(loss.dtype == torch.float32 for loss in losses)
 
 

@@ -168,6 +168,14 @@ def test_random_routing_recall_is_the_stated_chance_level(geometry_split):
     assert routing.routing_quality(torch.cat([best, index[..., :3]], -1), overlap)["recall"] == 1.0
 
 
+def test_routing_labels_keep_runs_that_share_a_folder_name():
+    """The study's runs all end in seed<seed>: one label each, so no result overwrites another in routing.json."""
+    study = Path("runs/ablations/zipper")
+    folders = [study / "mvad" / "seed42", study / "mvad-cosine" / "seed42", study / "mvad" / "seed43"]
+    assert routing.run_labels(folders) == ["mvad/seed42", "mvad-cosine/seed42", "mvad/seed43"]
+    assert routing.run_labels([Path("runs/mvad_zipper")]) == ["mvad_zipper"]
+
+
 def test_oracle_mvad_trains_on_the_stored_overlaps(geometry_split):
     root, split = geometry_split
     torch.manual_seed(0)

@@ -1,7 +1,6 @@
 """Tests of mvad.py: MVAS against a loop-based reference, FLOP counts against FlopCounterMode, the
 model's shapes and view independence, the frozen encoder's weights handling. CPU, tiny configs."""
 import math
-import urllib.error
 
 import pytest
 import torch
@@ -503,18 +502,6 @@ def test_wide_resnet50_2_backbone_shapes():
 
 
 # ----------------------------------------------------------------------------- frozen encoder weights
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """An empty torch hub cache and no network: torchvision's download fails as it does offline."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-
-    def no_network(url, *args, **kwargs):
-        raise urllib.error.URLError("offline")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    return tmp_path / "torch" / "hub" / "checkpoints"
 
 
 def test_imagenet_weights_missing_raises_naming_file_and_folder(offline_hub):

@@ -7,8 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-import data
-import synthetic
 from mvad import gaussian_blur
 from patchcore import (PatchCore, PatchCoreConfig, channel_pool, coreset_indices, greedy_coreset,
                        nearest_neighbour_distance, patch_features)
@@ -20,15 +18,6 @@ def tiny_model(**overrides) -> PatchCore:
     torch.manual_seed(0)
     cfg = dict(backbone="resnet18", weights="none", image_size=SIZE, width=64, projection_dim=16)
     return PatchCore(PatchCoreConfig(**{**cfg, **overrides})).eval()
-
-
-@pytest.fixture(scope="module")
-def zipper(tmp_path_factory):
-    """(training samples, normal test samples) of a tiny synthetic zipper, (S, V, 3, 64, 64) each."""
-    root = synthetic.synthesize(tmp_path_factory.mktemp("zipper"), "zipper", n_train=4, n_test_normal=2,
-                                n_test_defect=0, resolution=SIZE, seed=0)
-    split = lambda name: torch.stack([s["images"] for s in data.RealIAD(root, "zipper", name, SIZE)])  # noqa: E731
-    return split("train"), split("test")
 
 
 def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -145,18 +134,9 @@ def test_anomaly_map_is_the_upsampled_smoothed_nearest_distance(zipper, per_came
     assert masked[0, 1].abs().max() == 0 and torch.equal(masked[1], maps[1])
 
 
-def test_a_pasted_defect_scores_above_the_normal_views(zipper):
+def test_a_pasted_defect_scores_above_the_normal_views(zipper, pasted_defect_check):
     train, test = zipper
-    model = fitted(train)
-    defective = test[:1].clone()
-    patch = torch.zeros(3, 12, 12)
-    patch[0], patch[1] = 2.5, -2.0  # a saturated magenta square (ImageNet-normalised values)
-    defective[0, 2, :, 30:42, 26:38] = patch
-    normal_scores = model.anomaly_map(test).amax(dim=(-2, -1))  # (2, V): every normal test view
-    defect_map = model.anomaly_map(defective)[0, 2]  # (H, W)
-    assert defect_map.max() > normal_scores.max()
-    row, col = divmod(int(defect_map.argmax()), SIZE)
-    assert 30 - 4 <= row < 42 + 4 and 26 - 4 <= col < 38 + 4  # the peak lies on the pasted square
+    pasted_defect_check(fitted(train).anomaly_map, test)
 
 
 def test_state_dict_round_trip_and_errors(zipper):

@@ -23,10 +23,14 @@ from mvad import FrozenEncoder
 from synthetic import SYNTHETIC_CACHE, synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
-# Small models: MVAS with few windows, a small voxel; 64x64 images, 4 + 2 + 2 synthetic samples.
+# Small models: MVAS with few windows, a small voxel, one narrow transformer layer each, narrow heads;
+# 64x64 images, 4 + 2 + 2 synthetic samples.
 TINY_MODEL = {"mvad": {"n_win": (2, 2, 2), "blocks": (1, 1, 1)},
               "idif": {"voxel_size": (2, 4, 4), "fusion_blocks": 1},
-              "patchcore": {"backbone": "resnet18", "width": 64}}
+              "patchcore": {"backbone": "resnet18", "width": 64},
+              "uniad": {"hidden_dim": 32, "num_heads": 4, "encoder_layers": 1, "decoder_layers": 1, "ffn_dim": 64,
+                        "neighbor_size": 3},
+              "simplenet": {"backbone": "resnet18", "width": 64, "hidden": 32}}
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +153,10 @@ def test_an_extended_run_drops_its_rate_once_where_its_new_length_says(stopped_a
 # the workers) killed after its first epoch and resumed with 2 workers; MVAD finished after one
 # epoch and extended with --epochs 2. Both against the same run done in one go with 0 workers.
 # (Both schedules decay at epoch 1 (80% of 1 or 2 epochs): a run extended past its decay keeps the
-# stored milestone, so it cannot equal a longer run in general; see restore_schedule.)
-@pytest.mark.parametrize("method, workers, how", [("idif", 2, "killed"), ("mvad", 0, "extended")])
+# stored milestone, so it cannot equal a longer run in general; see restore_schedule.) UniAD killed;
+# SimpleNet, whose rate never drops (lr_decay_at 1), extended.
+@pytest.mark.parametrize("method, workers, how", [("idif", 2, "killed"), ("mvad", 0, "extended"),
+                                                  ("uniad", 0, "killed"), ("simplenet", 0, "extended")])
 def test_resume_equals_an_uninterrupted_run(method, workers, how, synthetic, tmp_path, monkeypatch, capsys):
     straight = tiny(method, synthetic, tmp_path / "straight", epochs=2, evaluate=False)
     train.main(straight)
