@@ -65,6 +65,7 @@ EXPECTED = {
         r"the steps above reproduce model\(images\), the loss, and model\.anomaly_map",
         r"\n +0, 0 +\d+ +\d+ +\d+ +100%",  # the first block routes the same before and after training
         r"OCBE: \(64, 16, 16\) \+ \(128, 8, 8\) \+ \(256, 4, 4\) -> code \(512, 2, 2\)",
+        r"mvad/seed42 +dot +0 +5\.3 +0\.6 +7\.2",  # the committed routing measurement, read in quick mode too
     ],
     "03_complexity": [  # FLOP counts do not depend on quick mode
         r"dense / MVAS at the official scale 0: 118x",
@@ -110,7 +111,8 @@ QUOTED = {
     "02_mvas": ["12 of 324 candidate windows are ever chosen", "counterparts among them: 0 of 4",
                 "the MVAS blocks: 14% of the parameters, 12% of the MACs at 256 px",
                 "the whole MVAD: 44.8 GMACs per 5-view sample at 256 px", "views ranked by their score: C5, C2",
-                "17,803,392"],
+                "17,803,392", "mvad/seed42 dot 0 5.3 0.6 7.2 1.4 97/980 62%",
+                "mvad-cosine/seed42 cosine 0 10.7 0.6 11.9 1.4 602/980 3%"],
     "03_complexity": ["the deck's first line is 2.4x too small, its bound 17x",
                       "dense / MVAS at the official scale 0: 118x", "dense / MVAS 18x",
                       "dense / MVAS with the best a: 21x at h = w = 16, 171x at 64", "56.4 GMACs", "0.75 GMACs",
