@@ -83,6 +83,18 @@ def test_quick_runs_then_curves_on_paired_draws_and_a_second_call_skips_them(tmp
         ablations.main(argv + ["--variants", "mvad,spade"])
 
 
+def test_paired_differences_pair_the_seeds_both_variants_ran():
+    runner = load_runner()
+    runs = {f"{v}/{seed}": {"category": "zipper", "variant": v, "seed": seed, "sample_auroc": score}
+            for v, scores in {"mvad": {42: 0.90, 43: 0.80, 44: 0.70}, "rd": {42: 0.85, 44: 0.72}}.items()
+            for seed, score in scores.items()}
+    runs["other"] = {"category": "audiojack", "variant": "rd", "seed": 43, "sample_auroc": 0.1}
+    differences = runner.paired_differences(runs, "zipper", "mvad", "rd", "sample_auroc")
+    assert differences.keys() == {42, 44}  # seed 43 has no zipper RD run
+    assert differences[42] == pytest.approx(0.05) and differences[44] == pytest.approx(-0.02)
+    assert runner.paired_differences(runs, "zipper", "mvad", "rd", ("sample_auroc_all_views", 3)) == {}
+
+
 def test_verdict_is_undecided_when_the_gap_is_within_the_two_spreads():
     verdict = load_runner().verdict
     assert verdict((0.90, 0.02, 3), (0.80, 0.03, 3)) == "supported"  # 10 points apart, spreads 5 together
