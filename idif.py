@@ -79,8 +79,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from mvad import (DeBasicBlock, FrozenEncoder, TrainingRecipe, check_field, check_recipe, cosine_distance_map,
-                  encoder_channels, gaussian_blur, is_count, rd4ad_init)
+from mvad import (DeBasicBlock, FrozenEncoder, TrainingRecipe, check_field, check_recipe, check_weights,
+                  cosine_distance_map, encoder_channels, gaussian_blur, is_count, rd4ad_init)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -469,8 +469,7 @@ class IDIFConfig(TrainingRecipe):
                     f"a multiple of {stride} for IDIF (16 x patch_size {self.patch_size}); use e.g. --image-size "
                     "128 or 256", "the paper uses 256")
         check_field(self, "num_views", is_count(self.num_views), "at least 1", "Real-IAD has 5")
-        check_field(self, "weights", isinstance(self.weights, str) and self.weights != "",
-                    "auto, imagenet, none or a file", "the paper: ImageNet")
+        check_weights(self)
         check_field(self, "bottleneck", isinstance(self.bottleneck, bool), "true or false", "the paper: true")
         check_field(self, "fusion", isinstance(self.fusion, bool), "true or false", "the paper: true")
         check_field(self, "latent_channels", is_count(self.latent_channels), "at least 1",

@@ -849,6 +849,13 @@ def check_recipe(cfg, source: str, values: tuple[str, str, str, str] = ("0.005",
     check_field(cfg, "lr_decay_at", 0 < cfg.lr_decay_at <= 1, "in (0, 1] (1: never)", f"{source}: {lr_decay_at}")
 
 
+
+def check_weights(cfg, source: str = "the paper") -> None:
+    """`check_field` for the frozen encoder's `weights` field that every config has (FrozenEncoder reads
+    it: auto, imagenet, none or a state dict file); source says whose setting ImageNet is."""
+    check_field(cfg, "weights", isinstance(cfg.weights, str) and cfg.weights != "",
+                "auto, imagenet, none or a file", f"{source}: ImageNet")
+
 @dataclass
 class TrainingRecipe:
     """The optimiser recipe that train.py applies to a trained method (AdamW, betas (0.9, 0.999)),
@@ -885,8 +892,7 @@ class MVADConfig(TrainingRecipe):
         """Checks every field: a ValueError naming it, its value, its range and the official value."""
         check_field(self, "backbone", self.backbone in ENCODERS, f"one of {', '.join(ENCODERS)}",
                     "the paper uses resnet34")
-        check_field(self, "weights", isinstance(self.weights, str) and self.weights != "",
-                    "auto, imagenet, none or a file", "the paper: ImageNet")
+        check_weights(self)
         check_field(self, "image_size", is_count(self.image_size) and self.image_size % 32 == 0,
                     "a multiple of 32 for MVAD (--image-size)", "official: 256")
         sides = [self.image_size // stride for stride in ENCODER_STRIDES]  # h_s, the feature maps' sides

@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mvad import ENCODERS, FrozenEncoder, check_field, gaussian_blur, is_count
+from mvad import ENCODERS, FrozenEncoder, check_field, check_weights, gaussian_blur, is_count
 
 # ----------------------------------------------------------------------------- features, pure functions
 
@@ -186,8 +186,7 @@ class PatchCoreConfig:
         """Checks every field: a ValueError naming it, its value, its range and the paper's value."""
         check_field(self, "backbone", self.backbone in ENCODERS, f"one of {', '.join(ENCODERS)}",
                     "the paper uses wide_resnet50_2")
-        check_field(self, "weights", isinstance(self.weights, str) and self.weights != "",
-                    "auto, imagenet, none or a file", "the paper: ImageNet")
+        check_weights(self)
         check_field(self, "image_size", is_count(self.image_size) and self.image_size % 16 == 0,
                     "a multiple of 16 for PatchCore (stage 3 is H/16; --image-size)", "the paper uses 256")
         check_field(self, "patch_size", is_count(self.patch_size) and self.patch_size % 2 == 1,

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from mvad import ENCODERS, FrozenEncoder, TrainingRecipe, check_field, check_recipe, is_count
+from mvad import ENCODERS, FrozenEncoder, TrainingRecipe, check_field, check_recipe, check_weights, is_count
 from patchcore import patch_features, score_map
 
 # ----------------------------------------------------------------------------- the loss, a pure function
@@ -97,8 +97,7 @@ class SimpleNetConfig(TrainingRecipe):
         """Checks every field: a ValueError naming it, its value, its range and the official value."""
         check_field(self, "backbone", self.backbone in ENCODERS, f"one of {', '.join(ENCODERS)}",
                     "official: wide_resnet50_2")
-        check_field(self, "weights", isinstance(self.weights, str) and self.weights != "",
-                    "auto, imagenet, none or a file", "official: ImageNet")
+        check_weights(self, "official")
         check_field(self, "image_size", is_count(self.image_size, 16) and self.image_size % 16 == 0,
                     "a multiple of 16 (stage 3 is H/16; --image-size)", "official: 288")
         check_field(self, "patch_size", is_count(self.patch_size) and self.patch_size % 2 == 1,

@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from mvad import FrozenEncoder, TrainingRecipe, check_field, check_recipe, gaussian_blur, is_count
+from mvad import FrozenEncoder, TrainingRecipe, check_field, check_recipe, check_weights, gaussian_blur, is_count
 
 GRID_STRIDE = 16  # the grid every stage is resized to: stride 16 (official: MFCN outstrides [16], config.yaml)
 # torchvision EfficientNet-B4 `features` blocks whose outputs UniAD takes, strides 2, 4, 8, 16 (official:
@@ -238,8 +238,7 @@ class UniADConfig(TrainingRecipe):
 
     def __post_init__(self):
         """Checks every field: a ValueError naming it, its value, its range and the official value."""
-        check_field(self, "weights", isinstance(self.weights, str) and self.weights != "",
-                    "auto, imagenet, none or a file", "official: ImageNet")
+        check_weights(self, "official")
         check_field(self, "image_size", is_count(self.image_size, GRID_STRIDE) and self.image_size % GRID_STRIDE == 0,
                     f"a multiple of {GRID_STRIDE} (the grid is H/{GRID_STRIDE}; --image-size)", "official: 224")
         check_field(self, "hidden_dim", is_count(self.hidden_dim) and self.hidden_dim % 2 == 0,
