@@ -1,5 +1,7 @@
 """Shared test set-up: the project root on sys.path, a headless plotting backend, two CPU threads; the
-fixtures that several test files use (a tiny synthetic zipper, a pasted-defect check, an offline hub)."""
+fixtures that several test files use (a tiny synthetic zipper, a pasted-defect check, an offline hub,
+a benchmark script as a module)."""
+import importlib.util
 import os
 import sys
 import urllib.error
@@ -57,3 +59,20 @@ def offline_hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+@pytest.fixture(scope="session")
+def bench_script():
+    """load(name): bench/<name>.py as a module of its own. bench/ goes after the project root on sys.path,
+    so that the script's `import common` works and `import data` / `import train` stay the project's
+    (bench/data.py and bench/train.py have the same names)."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.append(str(bench))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

@@ -1,33 +1,19 @@
 """bench/ablations.py in quick mode: every variant's entry and table row are written, a second call
 trains nothing again, the missing-view curves use the same draws for every variant, and the verdict
 rule on hand-made numbers."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 import data
 import synthetic
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = "mvad-oracle,rd,idif,patchcore"
 
 
-def load_runner():
-    """bench/ablations.py as a module; bench/ goes after the project root on sys.path, so that its
-    `import common` works and `import data` / `import train` stay the project's."""
-    if str(ROOT / "bench") not in sys.path:
-        sys.path.append(str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("ablations", ROOT / "bench" / "ablations.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_quick_runs_then_curves_on_paired_draws_and_a_second_call_skips_them(tmp_path, capsys, monkeypatch):
-    ablations = load_runner()
+def test_quick_runs_then_curves_on_paired_draws_and_a_second_call_skips_them(tmp_path, capsys, monkeypatch,
+                                                                              bench_script):
+    ablations = bench_script("ablations")
     root = synthetic.synthesize(tmp_path / "data", "zipper", n_train=4, n_test_normal=2, n_test_defect=2,
                                 resolution=64, seed=0)
     argv = ["--quick", "--seeds", "1", "--categories", "zipper", "--variants", VARIANTS, "--data-root", str(root),
@@ -83,8 +69,8 @@ def test_quick_runs_then_curves_on_paired_draws_and_a_second_call_skips_them(tmp
         ablations.main(argv + ["--variants", "mvad,spade"])
 
 
-def test_paired_differences_pair_the_seeds_both_variants_ran():
-    runner = load_runner()
+def test_paired_differences_pair_the_seeds_both_variants_ran(bench_script):
+    runner = bench_script("ablations")
     runs = {f"{v}/{seed}": {"category": "zipper", "variant": v, "seed": seed, "sample_auroc": score}
             for v, scores in {"mvad": {42: 0.90, 43: 0.80, 44: 0.70}, "rd": {42: 0.85, 44: 0.72}}.items()
             for seed, score in scores.items()}
@@ -95,8 +81,8 @@ def test_paired_differences_pair_the_seeds_both_variants_ran():
     assert runner.paired_differences(runs, "zipper", "mvad", "rd", ("sample_auroc_all_views", 3)) == {}
 
 
-def test_verdict_is_undecided_when_the_gap_is_within_the_two_spreads():
-    verdict = load_runner().verdict
+def test_verdict_is_undecided_when_the_gap_is_within_the_two_spreads(bench_script):
+    verdict = bench_script("ablations").verdict
     assert verdict((0.90, 0.02, 3), (0.80, 0.03, 3)) == "supported"  # 10 points apart, spreads 5 together
     assert verdict((0.80, 0.03, 3), (0.90, 0.02, 3)) == "contradicted"
     assert verdict((0.90, 0.05, 3), (0.85, 0.01, 3)) == "undecided"  # 5 points apart, spreads 6 together

@@ -1,30 +1,15 @@
 """bench/precision.py in quick mode: both arms of a seed run, the fp32 arm in float32 and the auto arm
 in what runtime.resolve_precision chooses on this machine; a second call trains nothing; the table's
 paired row on hand-made runs."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
 import runtime
 import synthetic
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_bench():
-    if str(ROOT / "bench") not in sys.path:
-        sys.path.append(str(ROOT / "bench"))  # after the root: bench/train.py must not hide train.py
-    spec = importlib.util.spec_from_file_location("precision_bench", ROOT / "bench" / "precision.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_quick_pairs_fp32_with_auto_and_a_second_call_trains_nothing(tmp_path, capsys, monkeypatch):
-    bench = load_bench()
+def test_quick_pairs_fp32_with_auto_and_a_second_call_trains_nothing(tmp_path, capsys, monkeypatch, bench_script):
+    bench = bench_script("precision")
     root = synthetic.synthesize(tmp_path / "data", "zipper", n_train=4, n_test_normal=2, n_test_defect=2,
                                 resolution=64, seed=0)
     argv = ["--quick", "--methods", "idif", "--categories", "zipper", "--seeds", "1", "--data-root", str(root),
@@ -48,8 +33,8 @@ def test_quick_pairs_fp32_with_auto_and_a_second_call_trains_nothing(tmp_path, c
     assert "0 runs to do" in capsys.readouterr().out
 
 
-def test_the_table_pairs_the_arms_seed_by_seed():
-    bench = load_bench()
+def test_the_table_pairs_the_arms_seed_by_seed(bench_script):
+    bench = bench_script("precision")
     figures = dict.fromkeys(bench.ablations.METRICS, 0.9)
 
     def run(seed, arm, auroc, seconds):
