@@ -192,9 +192,17 @@ def one_run(args, settings: dict, variant: str, category: str, seed: int) -> dic
     model, _ = evaluation.load_model(str(folder / "last.pt"))
     return {"variant": variant, "method": method, "fields": fields, "category": category, "seed": seed,
             "resumed": resumed, **figures(metrics), "positives": metrics["settings"]["positive_samples"],
+            "losses": last_losses(folder),
             "train_seconds": trained - started, "eval_seconds": time.perf_counter() - trained,
             "parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def last_losses(folder: Path) -> dict:
+    """The last epoch's training loss and its parts (history.json; {} for PatchCore, which has none):
+    how well the student fits the teacher on the training data when the schedule ends."""
+    last = json.loads((folder / "history.json").read_text())[-1]
+    return {k: v for k, v in last.items() if isinstance(v, float) and k not in ("seconds", "samples_per_s", "lr")}
 
 
 # ----------------------------------------------------------------------------- missing views
@@ -334,14 +342,20 @@ def claim_figures(summaries: dict, category: str, variant: str, figure) -> tuple
 
 
 def paired_differences(runs: dict, category: str, a: str, b: str, figure) -> dict:
-    """{seed: a - b} of a metric (K = 0) over the seeds both variants ran; {} for a curve's point.
+    """{seed: a - b} over the seeds both variants have the figure of: a metric (K = 0), or a curve's
+    point (name, K), a seed's mean over its draws (the draws are the same for both variants).
     A seed fixes the random-init encoder, which moves every variant alike (the MVAD and RD runs of
     one seed share their teacher), so the per-seed differences show what the spreads over seeds hide.
     They are shown beside the verdict, which stays the unpaired rule of `verdict`."""
-    if not isinstance(figure, str):
-        return {}
-    scores = {v: {r["seed"]: r[figure] for r in runs.values() if r["category"] == category and r["variant"] == v}
+    def value(run):
+        if isinstance(figure, str):
+            return run[figure]
+        name, k = figure
+        return mean_std([d[name] for d in run["missing_views"][str(k)]])[0] if "missing_views" in run else None
+
+    scores = {v: {r["seed"]: value(r) for r in runs.values() if r["category"] == category and r["variant"] == v}
               for v in (a, b)}
+    scores = {v: {seed: x for seed, x in s.items() if x is not None} for v, s in scores.items()}
     return {seed: scores[a][seed] - scores[b][seed] for seed in sorted(scores[a].keys() & scores[b].keys())}
 
 

@@ -25,7 +25,8 @@ def test_quick_runs_then_curves_on_paired_draws_and_a_second_call_skips_them(tmp
         assert run["train_seconds"] > 0 and run["trainable_parameters"] <= run["parameters"], key
         assert run["positives"] == 2 and "missing_views" not in run, key
     runs = results["runs"]
-    assert runs["zipper/patchcore/42"]["trainable_parameters"] == 0
+    assert runs["zipper/patchcore/42"]["trainable_parameters"] == 0 and runs["zipper/patchcore/42"]["losses"] == {}
+    assert {"loss", "distill", "ib"} <= set(runs["zipper/idif/42"]["losses"])  # the last epoch's, from history.json
     assert runs["zipper/rd/42"]["parameters"] < runs["zipper/mvad-oracle/42"]["parameters"]
     assert f"{len(runs)} runs to do, 0 done" in capsys.readouterr().out
 
@@ -78,7 +79,12 @@ def test_paired_differences_pair_the_seeds_both_variants_ran(bench_script):
     differences = runner.paired_differences(runs, "zipper", "mvad", "rd", "sample_auroc")
     assert differences.keys() == {42, 44}  # seed 43 has no zipper RD run
     assert differences[42] == pytest.approx(0.05) and differences[44] == pytest.approx(-0.02)
-    assert runner.paired_differences(runs, "zipper", "mvad", "rd", ("sample_auroc_all_views", 3)) == {}
+    # a curve's point: a seed's mean over its draws, for the seeds whose runs both have curves
+    runs["mvad/42"]["missing_views"] = {"3": [{"sample_auroc_all_views": x} for x in (0.80, 0.90)]}
+    runs["rd/42"]["missing_views"] = {"3": [{"sample_auroc_all_views": x} for x in (0.70, None)]}
+    runs["mvad/44"]["missing_views"] = {"3": [{"sample_auroc_all_views": 0.5}]}  # rd/44 has no curves
+    differences = runner.paired_differences(runs, "zipper", "mvad", "rd", ("sample_auroc_all_views", 3))
+    assert differences.keys() == {42} and differences[42] == pytest.approx(0.85 - 0.70)
 
 
 def test_verdict_is_undecided_when_the_gap_is_within_the_two_spreads(bench_script):
