@@ -3,6 +3,8 @@
 # 1. bench/device_check.py on CUDA (1-2 min): for each method a training epoch and an evaluation in fp32
 #    and in bf16, what --precision auto chooses there, and the float32 anomaly maps and losses under bf16
 #    autocast; PASS/FAIL lines, exit status 1 on a FAIL (this script goes on and reports it at the end);
+#    then the suite's CUDA tests (tests/test_train.py -k cuda: each method's tiny run in fp32 and bf16; skipped
+#    where no GPU is present), well under a minute;
 # 2. bench/attention.py on CUDA: today's MVAS against the fast one, MVAS against dense (fused and naive),
 #    cut at $ATTENTION_LIMIT seconds (default 120);
 # 3. the default command (the GPU profile: the papers' 256x256, batch 8) on the built-in synthetic zipper,
@@ -28,6 +30,8 @@ python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchv
 
 python3 bench/device_check.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/device_check.log" | grep -E '^(PASS|FAIL|all|[0-9]+ of)'
 checks=${PIPESTATUS[0]}
+python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k cuda 2>&1 | tee "$OUT/cuda_tests.log" | tail -n 3
+[ "${PIPESTATUS[0]}" -eq 0 ] || checks=1  # a failed CUDA test fails the script as a failed check does
 
 timeout "$ATTENTION_LIMIT" python3 bench/attention.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/attention.log" \
   | grep -v '^$' | head -n 12
@@ -74,5 +78,5 @@ for line in (out / "runs.txt").read_text().splitlines():
     print(f"{method + ' ' + variant:24s} {precision:>9s} {wall:>7s} {per_epoch:>8s} {cells[0]:>16s} {cells[1]:>12s} "
           f"{cells[2]:>19s}")
 EOF
-[ "$checks" -eq 0 ] && echo "device checks: all passed" || echo "device checks: FAILED (see $OUT/device_check.log)"
+[ "$checks" -eq 0 ] && echo "device checks: all passed" || echo "device checks: FAILED (see $OUT/device_check.log and cuda_tests.log)"
 exit "$checks"

@@ -85,6 +85,19 @@ def test_tiny_run_trains_checkpoints_and_evaluates(method, cpu, precision, synth
     assert "random-init encoder calibrated on the training images" in (tmp_path / "metrics.md").read_text()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.sh runs these on one)")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("method", list(TINY_MODEL))
+def test_tiny_run_on_cuda(method, precision, synthetic, tmp_path):
+    """Where a GPU is present: each method trains an epoch (or fits) and evaluates on it, in float32 and
+    under bf16 autocast; metrics.json records the device and the precision, and every metric is defined."""
+    metrics = train.main(tiny(method, synthetic, tmp_path, device="cuda", precision=precision))
+    assert metrics["settings"]["device"].startswith("cuda") and metrics["settings"]["precision"] == precision
+    for level in ("sample", "image", "pixel"):
+        assert 0.0 <= metrics[level]["auroc"] <= 1.0, level
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["method"] == method
+
+
 def test_patchcore_fits_a_memory_bank_without_epochs_and_resumes_without_refitting(synthetic, tmp_path,
                                                                                    capsys, monkeypatch):
     metrics = train.main(tiny("patchcore", synthetic, tmp_path))
