@@ -81,7 +81,7 @@ EXPECTED = {
     ],
     "06_ablations": [
         r"settings: \{'profile': 'cpu', 'image_size': 128, 'batch_size': 4, 'epochs': 15",
-        r"\d+ runs, \d+ with missing-view curves",
+        r"\d+ of the plan's \d+ runs, \d+ with missing-view curves",
     ],
     "05_training": [
         r"Calibrating the random-init encoder's BatchNorm statistics on 8 training samples",
@@ -131,15 +131,29 @@ QUOTED = {
                     "0.017 to 0.077", "0.062 to 0.179", "16.8 (14-19)", "75.6", "89.4", "83.7 ± 6.2", "95.2 ± 0.5",
                     "96.9 ± 1.3", "98.2 ± 1.5", "97.5 ± 1.8", "87.3 ± 2.9", "78.5 ± 5.6", "94.0 ± 1.0", "88.3", "83.6",
                     "86.3"],
-    "06_ablations": ["by seed +1.4, +2.2, +2.8", "by seed +1.3, +0.1, +0.4", "by seed +2.0, -1.9, +1.8",
-                     "zipper mvad sample AUROC 90.1, 92.4, 96.0", "zipper rd sample AUROC 88.8, 92.3, 95.6",
-                     "idif - patchcore sample_auroc +32.7 (spreads 5.7 + 6.5) -> supported",
+    "06_ablations": ["idif - patchcore sample_auroc +32.7 (spreads 5.7 + 6.5) -> supported",
                      "idif - idif-ensemble sample_auroc +25.8 (spreads 5.7 + 2.3) -> supported",
+                     "mvad - patchcore sample_auroc +3.5 (spreads 3.7 + 6.5) -> undecided",
+                     "idif - patchcore sample_auroc +3.9 (spreads 1.0 + 1.7) -> supported",
+                     "idif-ivc - idif-ensemble sample_auroc -4.9 (spreads 2.0 + 0.5) -> contradicted; by seed -7.2, "
+                     "-2.3, -5.0",
+                     "by seed -0.4, +0.6, +7.4", "by seed +1.7, +1.3, +3.6", "by seed +4.7, -0.7, +3.2",
+                     "by seed +1.3, +0.1, +0.4", "by seed +1.4, +2.2, +2.8", "by seed +2.0, -1.9, +1.8",
+                     "by seed -2.9, -1.7, -1.4", "by seed +0.1, -0.2, -0.1", "by seed -0.9, -1.7, -2.3",
+                     "by seed +1.0, +0.6, +0.8", "by seed -4.0, +1.6, +1.0",
+                     "zipper idif-ensemble last distill 1.15 ± 0.05", "zipper idif-ivc last distill 1.64 ± 0.08",
+                     "zipper mvad sample AUROC 90.1, 92.4, 96.0", "zipper rd sample AUROC 88.8, 92.3, 95.6",
+                     "zipper idif-ensemble sample AUROC 97.0, 96.1, 96.9",
+                     "zipper patchcore sample AUROC 90.6, 91.9, 88.6",
+                     "audiojack idif-ensemble sample AUROC 88.4, 88.8, 90.6",
+                     "audiojack mvad sample AUROC 83.3, 88.8, 86.4",
+                     "audiojack patchcore sample AUROC 86.6, 88.3, 87.7",
                      "zipper_consistency patchcore sample AUROC 55.8, 45.8, 58.0",
                      "zipper_consistency idif-ensemble sample AUROC 58.4, 62.7, 59.1",
                      "zipper_consistency idif sample AUROC 87.4, 90.7, 79.6",
-                     "mvad - patchcore sample_auroc +3.5 (spreads 3.7 + 6.5) -> undecided",
-                     "zipper_consistency mvad sample AUROC 56.6, 60.4, 53.0"],
+                     "zipper_consistency mvad sample AUROC 56.6, 60.4, 53.0",
+                     "zipper idif K = 1..4: p_K 0.93, 0.81, 0.71, 0.56",
+                     "mixture 91.6, 87.7, 83.0, 75.5 | measured 92.0, 87.8, 82.6, 78.0"],
 }
 
 
