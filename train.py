@@ -507,10 +507,17 @@ def train_epoch(cfg: TrainConfig, net, model, optimizer, loader: DataLoader, epo
             "lr": optimizer.param_groups[0]["lr"], "precision": cfg.precision}  # what this epoch trained with
 
 
+def loss_parts(entry: dict) -> dict:
+    """The mean loss and its parts of one history entry (train_epoch's; {} for a memory bank's fit,
+    which has no loss)."""
+    if "loss" not in entry:
+        return {}
+    return {k: v for k, v in entry.items() if k not in ("epoch", "seconds", "samples_per_s", "lr", "precision")}
+
+
 def epoch_summary(entry: dict) -> str:
     """The epoch's line: the mean loss and its parts, seconds, samples/s."""
-    parts = {k: v for k, v in entry.items() if k not in ("epoch", "seconds", "samples_per_s", "lr", "precision")}
-    return ("  ".join(f"{k} {v:.4f}" for k, v in parts.items())
+    return ("  ".join(f"{k} {v:.4f}" for k, v in loss_parts(entry).items())
             + f"  {entry['seconds']:.1f} s  {entry['samples_per_s']:.1f} samples/s")
 
 

@@ -111,12 +111,17 @@ def check_variants(names: list[str]) -> None:
                                  "in this version; leave the variant out with --variants")
 
 
+def quick_sizes(quick: bool, method: str) -> dict:
+    """train.TrainConfig's fields that --quick sets: the tiny sizes and `method`'s tiny model; {} without it."""
+    return {**QUICK, "model": dict(QUICK_MODEL[method])} if quick else {}
+
+
 def base_config(args, method: str = "mvad", **changes) -> train.TrainConfig:
     """train.py's config of one run: the profile, --quick's sizes, --epochs, --data-root, --device; in
     float32 on every machine (train.py's auto would choose bf16 on some): the variants compare at one
     precision, and the committed tables were made in float32."""
-    quick = {**QUICK, "model": dict(QUICK_MODEL[method])} if args.quick else {}
-    cfg = train.TrainConfig(method=method, data_root=args.data_root, device=args.device, precision="fp32", **quick)
+    cfg = train.TrainConfig(method=method, data_root=args.data_root, device=args.device, precision="fp32",
+                            **quick_sizes(args.quick, method))
     if args.epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=args.epochs)
     if cfg.image_size is None:  # one size for every method, as the tables compare them (train.py's CPU
@@ -201,8 +206,7 @@ def one_run(args, settings: dict, variant: str, category: str, seed: int) -> dic
 def last_losses(folder: Path) -> dict:
     """The last epoch's training loss and its parts (history.json; {} for PatchCore, which has none):
     how well the student fits the teacher on the training data when the schedule ends."""
-    last = json.loads((folder / "history.json").read_text())[-1]
-    return {k: v for k, v in last.items() if isinstance(v, float) and k not in ("seconds", "samples_per_s", "lr")}
+    return train.loss_parts(json.loads((folder / "history.json").read_text())[-1])
 
 
 # ----------------------------------------------------------------------------- missing views

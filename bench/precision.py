@@ -37,10 +37,10 @@ FIGURES = {"sample_auroc": "sample AUROC", "sample_ap": "sample AP", "image_auro
 
 def config(args, method: str, category: str, seed: int, precision: str) -> train.TrainConfig:
     """train.py's default command of one arm (--quick: ablations' tiny sizes and models)."""
-    quick = {**ablations.QUICK, "model": dict(ablations.QUICK_MODEL[method])} if args.quick else {}
     folder = args.runs / method / category / precision / f"seed{seed}"
     return train.TrainConfig(method=method, category=category, seed=seed, precision=precision, device=args.device,
-                             threads=args.threads, data_root=args.data_root, out=str(folder), **quick)
+                             threads=args.threads, data_root=args.data_root, out=str(folder),
+                             **ablations.quick_sizes(args.quick, method))
 
 
 def one_run(cfg: train.TrainConfig) -> dict:

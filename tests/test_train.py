@@ -294,6 +294,16 @@ def test_gradients_are_clipped_at_norm_5(synthetic, tmp_path):
     assert grad_norm() == pytest.approx(5.0, rel=1e-4)  # the gradients the step used
 
 
+def test_the_epoch_line_and_the_studys_losses_are_the_loss_and_its_parts():
+    """train.loss_parts serves the epoch's summary line and bench/ablations.py's last_losses: the
+    bookkeeping keys are left out, and a memory bank's fit (PatchCore) has no loss at all."""
+    entry = {"epoch": 3, "loss": 0.5, "distill": 0.375, "ib": 0.125, "seconds": 2.0, "samples_per_s": 8.0,
+             "lr": 1e-3, "precision": "bf16"}
+    assert train.loss_parts(entry) == {"loss": 0.5, "distill": 0.375, "ib": 0.125}
+    assert train.epoch_summary(entry) == "loss 0.5000  distill 0.3750  ib 0.1250  2.0 s  8.0 samples/s"
+    assert train.loss_parts({"patches": 10, "bank_size": 4, "banks": 1, "seconds": 1.0}) == {}
+
+
 def test_the_last_partial_batch_is_dropped(synthetic, tmp_path, monkeypatch, capsys):
     """As the official loader (drop_last=True): 4 samples in batches of 3 make one step per epoch;
     with fewer samples than a batch, the batch shrinks to them and the run says so in one line."""
