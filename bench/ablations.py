@@ -469,13 +469,15 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=3, help=f"seeds per variant: {FIRST_SEED}, {FIRST_SEED + 1}, ...")
     p.add_argument("--categories", default=",".join(PLAN), help="comma list of categories, each trained on its own")
     p.add_argument("--data-root", default=None, help="Real-IAD folder; None: as train.py (else the synthetic data)")
-    p.add_argument("--epochs", type=int, default=None, help="None: the profile's epochs")
+    p.add_argument("--epochs", type=int, default=None, help="None: the profile's epochs; N: a study of its own, "
+                                                             "ablations_eN.json and runs/ablations_eN")
     p.add_argument("--curves", action="store_true", help="the missing-view curves of finished runs, instead of runs")
     p.add_argument("--draws", type=int, default=None, help="random draws per K of removed views (None: 5, quick: 1)")
-    p.add_argument("--runs", type=Path, default=None, help="run folders (None: runs/ablations, quick: "
-                                                           "runs/ablations_quick)")
+    p.add_argument("--runs", type=Path, default=None, help="run folders (None: runs/<the JSON's name>: "
+                                                           "runs/ablations, quick: runs/ablations_quick)")
     args = common.parse(p, argv)
-    name = "ablations_quick" if args.quick else "ablations"
+    # another schedule is another study: its own JSON and run folders beside the default's
+    name = ("ablations_quick" if args.quick else "ablations") + (f"_e{args.epochs}" if args.epochs else "")
     args.json = args.out / f"{name}.json"
     args.runs = args.runs or common.ROOT / "runs" / name
     args.draws = args.draws or (1 if args.quick else 5)

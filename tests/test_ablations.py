@@ -64,8 +64,13 @@ def test_quick_runs_then_curves_on_paired_draws_and_a_second_call_skips_them(tmp
     capsys.readouterr()
     assert ablations.main(argv)["runs"] == saved["results"]["runs"]
     assert f"0 runs to do, {len(runs)} done" in capsys.readouterr().out
+    longer = ablations.parse_args(argv[:-4] + ["--out", str(tmp_path / "out"), "--epochs", "2"])  # no --runs
+    assert longer.json == tmp_path / "out" / "ablations_quick_e2.json"
+    assert longer.runs.name == "ablations_quick_e2"  # another schedule: a study of its own
+    saved["results"]["settings"]["view_norm"] = not saved["results"]["settings"]["view_norm"]
+    (tmp_path / "out" / "ablations_quick.json").write_text(json.dumps(saved))
     with pytest.raises(data.UserError, match="was made with other settings"):
-        ablations.main(argv + ["--epochs", "2"])
+        ablations.main(argv)
     with pytest.raises(data.UserError, match="--variants spade: unknown"):
         ablations.main(argv + ["--variants", "mvad,spade"])
 
