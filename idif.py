@@ -34,6 +34,8 @@ Run: `python train.py --method idif --category zipper`; tests: `python -m pytest
 A bad argument raises ValueError (Python's type for it; the command lines print it as one line).
 Ablations (`--set bottleneck=false`, `--set fusion=false`): no CB (f_c = 0, f_s = f_E, no L_IB); no IVC
 and STN (f_p = f_s); both off is the paper's per-view ensemble (its ablation: 94.0 / +IVC 96.1 / full 97.0).
+`--set fusion_residual=true` (ours, a diagnostic): f_p = f_s + STN(P_n), so that a view's own detail does not
+have to pass through the voxel (bench/ablations.py's `idif-ivc-residual`).
 Size (5 views, 256 px): 18.8 M parameters (2.8 M frozen teacher), 23.4 GMACs per sample for a map.
 
 The paper states: a frozen ImageNet ResNet18 teacher (stages 1-3, 256 px, batch 8 samples), a
@@ -447,6 +449,8 @@ class IDIFConfig(TrainingRecipe):
     weights: str = "auto"  # teacher ResNet18 weights: auto | imagenet | none | PATH (mvad.FrozenEncoder)
     bottleneck: bool = True  # the Consistency Bottleneck; False: f_c = 0, f_s = f_E, no L_IB (paper's ablation)
     fusion: bool = True  # the IVC and the STN; False: each decoder gets its own view's f_s (+ f_c) only
+    fusion_residual: bool = False  # True: f_p = f_s + STN(P_n), the view keeps its own f_s (ours, a diagnostic;
+    # the paper: f_p = STN(P_n), every view's detail passes through the voxel)
     latent_channels: int = 64  # L, channels of the bottleneck's latent c (paper is silent)
     voxel_size: tuple[int, int, int] = (4, 8, 8)  # (Dv, Hv, Wv) voxel cells of width 256 (paper is silent)
     patch_size: int = 2  # f_s patch side per token: 16x16 -> 8x8 tokens per view at 256 (paper is silent)
@@ -472,6 +476,9 @@ class IDIFConfig(TrainingRecipe):
         check_weights(self)
         check_field(self, "bottleneck", isinstance(self.bottleneck, bool), "true or false", "the paper: true")
         check_field(self, "fusion", isinstance(self.fusion, bool), "true or false", "the paper: true")
+        check_field(self, "fusion_residual", isinstance(self.fusion_residual, bool)
+                    and (self.fusion or not self.fusion_residual), "true or false; true needs fusion=true",
+                    "the paper: false")
         check_field(self, "latent_channels", is_count(self.latent_channels), "at least 1",
                     "the paper is silent, we use 64")
         check_field(self, "voxel_size", len(self.voxel_size) == 3 and all(map(is_count, self.voxel_size)),
@@ -544,6 +551,8 @@ class IDIF(nn.Module):
             voxel = self.implicit_voxel(f_s, view_mask)  # (B, C, Dv, Hv, Wv)
             # IDIF STEP 5 of 6 (the STN re-projection): f_p^(v) = STN^(v)(P_n, theta^(v))
             f_p = self.stn(voxel, f_E.shape[-2:])  # (B, V, C, h, w)
+            if self.cfg.fusion_residual:  # ours, not the paper's: the voxel adds to the view's own f_s
+                f_p = f_s + f_p  # (B, V, C, h, w)
         return (f_p if latent is None else f_p + latent.f_c[:, None]), latent  # (B, V, C, h, w)
 
     def features(self, images: torch.Tensor, corrupted: torch.Tensor, view_mask: torch.Tensor):

@@ -70,6 +70,8 @@ VARIANTS = {
     "rd": ("RD (MVAD without MVAS)", "mvad", {"mvas": False}),
     "idif-ensemble": ("IDIF per-view ensemble (no CB, no fusion)", "idif", {"bottleneck": False, "fusion": False}),
     "idif-ivc": ("IDIF +IVC (no CB)", "idif", {"bottleneck": False}),
+    "idif-ivc-residual": ("IDIF +IVC added to each view's f_s (no CB; ours)", "idif",
+                          {"bottleneck": False, "fusion_residual": True}),
     "idif": ("IDIF (+IVC +CB)", "idif", {}),
     "idif-no-dropout": ("IDIF without view dropout", "idif", {"view_dropout": 0.0}),
     "patchcore": ("PatchCore", "patchcore", {}),
@@ -79,7 +81,7 @@ VARIANTS = {
 IDIF_ROWS = ["idif-ensemble", "idif-ivc", "idif", "idif-no-dropout"]
 PLAN = {  # the study: category -> its variants (the oracle needs the synthetic data's geometry)
     "zipper": ["mvad", "rd", "mvad-oracle", "mvad-cosine", *IDIF_ROWS, "patchcore", "mvad-a4", "mvad-a8",
-               "mvad-k1", "mvad-k8", "uniad", "simplenet"],
+               "mvad-k1", "mvad-k8", "uniad", "simplenet", "idif-ivc-residual"],
     "audiojack": ["mvad", "rd", *IDIF_ROWS, "patchcore"],
     "zipper_consistency": ["mvad", "mvad-oracle", "rd", "idif", "idif-ensemble", "patchcore"],
 }
@@ -313,6 +315,10 @@ CLAIMS = [
      "sample_auroc"),
     ("The voxel adds to the per-view ensemble", "IDIF ablation: 94.0 -> 96.1", "audiojack", "idif-ivc",
      "idif-ensemble", "sample_auroc"),
+    ("Adding the voxel to each view's features beats replacing them", "ours: the re-projection as a bottleneck",
+     "zipper", "idif-ivc-residual", "idif-ivc", "sample_auroc"),
+    ("The voxel added to each view's features adds to the per-view ensemble", "ours", "zipper",
+     "idif-ivc-residual", "idif-ensemble", "sample_auroc"),
     ("The CB adds to the voxel", "IDIF ablation: 96.1 -> 97.0", "zipper", "idif", "idif-ivc", "sample_auroc"),
     ("The CB adds to the voxel", "IDIF ablation: 96.1 -> 97.0", "audiojack", "idif", "idif-ivc", "sample_auroc"),
     ("View dropout holds accuracy with 3 views missing", "IDIF: 95.1 with 3 missing", "zipper", "idif",

@@ -367,6 +367,28 @@ def test_without_fusion_a_view_sees_only_itself():
     assert torch.equal(after[1], before[1])
 
 
+@pytest.mark.parametrize("bottleneck", [True, False])
+def test_a_residual_voxel_adds_to_each_views_own_features(bottleneck):
+    """fusion_residual (ours, a diagnostic): the decoders' input is the paper's f_p + f_c plus the view's
+    own f_s, with the same weights; the paper's default leaves f_s out."""
+    paper, residual = small_model(3, bottleneck=bottleneck).eval(), small_model(3, bottleneck=bottleneck,
+                                                                                 fusion_residual=True).eval()
+    residual.load_state_dict(paper.state_dict())
+    mask = torch.tensor([[True, True, True], [True, False, True]])
+    f_E = torch.randn(2, 3, C, SIZE // 16, SIZE // 16) * mask[:, :, None, None, None]  # an absent view: zeros
+    with torch.no_grad():
+        x_paper, _ = paper.decoder_input(f_E, mask)
+        x_residual, _ = residual.decoder_input(f_E, mask)
+        f_s = paper.bottleneck(f_E, mask)[0] if bottleneck else f_E  # the CB's f_E - f_c (mu at test time)
+    assert_close(x_residual, x_paper + f_s, atol=1e-5, rtol=0)
+    assert (x_residual - x_paper).abs().max() > 0.1  # f_s is not small
+
+
+def test_error_residual_voxel_without_fusion():
+    with pytest.raises(ValueError, match=r"fusion_residual True must be true or false; true needs fusion=true"):
+        IDIFConfig(image_size=SIZE, fusion=False, fusion_residual=True, weights="none")
+
+
 # ----------------------------------------------------------------------------- error messages
 
 
