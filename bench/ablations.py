@@ -82,7 +82,7 @@ IDIF_ROWS = ["idif-ensemble", "idif-ivc", "idif", "idif-no-dropout"]
 PLAN = {  # the study: category -> its variants (the oracle needs the synthetic data's geometry)
     "zipper": ["mvad", "rd", "mvad-oracle", "mvad-cosine", *IDIF_ROWS, "patchcore", "mvad-a4", "mvad-a8",
                "mvad-k1", "mvad-k8", "uniad", "simplenet", "idif-ivc-residual"],
-    "audiojack": ["mvad", "rd", *IDIF_ROWS, "patchcore"],
+    "audiojack": ["mvad", "rd", *IDIF_ROWS, "patchcore", "idif-ivc-residual"],
     "zipper_consistency": ["mvad", "mvad-oracle", "rd", "idif", "idif-ensemble", "patchcore"],
 }
 FIRST_SEED = 42  # train.py's default
@@ -317,7 +317,11 @@ CLAIMS = [
      "idif-ensemble", "sample_auroc"),
     ("Adding the voxel to each view's features beats replacing them", "ours: the re-projection as a bottleneck",
      "zipper", "idif-ivc-residual", "idif-ivc", "sample_auroc"),
+    ("Adding the voxel to each view's features beats replacing them", "ours: the re-projection as a bottleneck",
+     "audiojack", "idif-ivc-residual", "idif-ivc", "sample_auroc"),
     ("The voxel added to each view's features adds to the per-view ensemble", "ours", "zipper",
+     "idif-ivc-residual", "idif-ensemble", "sample_auroc"),
+    ("The voxel added to each view's features adds to the per-view ensemble", "ours", "audiojack",
      "idif-ivc-residual", "idif-ensemble", "sample_auroc"),
     ("The CB adds to the voxel", "IDIF ablation: 96.1 -> 97.0", "zipper", "idif", "idif-ivc", "sample_auroc"),
     ("The CB adds to the voxel", "IDIF ablation: 96.1 -> 97.0", "audiojack", "idif", "idif-ivc", "sample_auroc"),
