@@ -83,7 +83,8 @@ PLAN = {  # the study: category -> its variants (the oracle needs the synthetic 
     "zipper": ["mvad", "rd", "mvad-oracle", "mvad-cosine", *IDIF_ROWS, "patchcore", "mvad-a4", "mvad-a8",
                "mvad-k1", "mvad-k8", "uniad", "simplenet", "idif-ivc-residual"],
     "audiojack": ["mvad", "rd", *IDIF_ROWS, "patchcore", "idif-ivc-residual"],
-    "zipper_consistency": ["mvad", "mvad-oracle", "rd", "idif", "idif-ensemble", "patchcore"],
+    "zipper_consistency": ["mvad", "mvad-oracle", "rd", "idif", "idif-ensemble", "patchcore", "idif-ivc",
+                           "idif-ivc-residual"],
 }
 FIRST_SEED = 42  # train.py's default
 QUICK = dict(image_size=64, batch_size=2, epochs=1, synthetic_train=4, synthetic_test=2, weights="none")
@@ -341,6 +342,10 @@ CLAIMS = [
      "patchcore", "sample_auroc"),
     ("IDIF's fusion sees what no single view shows", "ours: the same model without CB and fusion", "zipper_consistency",
      "idif", "idif-ensemble", "sample_auroc"),
+    ("The voxel alone sees what no single view shows", "ours: without the CB", "zipper_consistency", "idif-ivc",
+     "idif-ensemble", "sample_auroc"),
+    ("The voxel added to each view's features still sees it", "ours", "zipper_consistency", "idif-ivc-residual",
+     "idif-ensemble", "sample_auroc"),
 ]
 
 
