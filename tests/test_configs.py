@@ -40,6 +40,7 @@ BAD = {
         "weights": [""],
         "bottleneck": ["false"],
         "fusion": [1],
+        "fusion_residual": [1],
         "latent_channels": [0],
         "voxel_size": [(0, 8, 8), (4, 8)],
         "patch_size": [0],
