@@ -476,9 +476,10 @@ class IDIFConfig(TrainingRecipe):
         check_weights(self)
         check_field(self, "bottleneck", isinstance(self.bottleneck, bool), "true or false", "the paper: true")
         check_field(self, "fusion", isinstance(self.fusion, bool), "true or false", "the paper: true")
-        check_field(self, "fusion_residual", isinstance(self.fusion_residual, bool)
-                    and (self.fusion or not self.fusion_residual), "true or false; true needs fusion=true",
+        check_field(self, "fusion_residual", isinstance(self.fusion_residual, bool), "true or false",
                     "the paper: false")
+        check_field(self, "fusion_residual", self.fusion or not self.fusion_residual,
+                    "false when fusion=false (there is no voxel to add)", "the paper: false")
         check_field(self, "latent_channels", is_count(self.latent_channels), "at least 1",
                     "the paper is silent, we use 64")
         check_field(self, "voxel_size", len(self.voxel_size) == 3 and all(map(is_count, self.voxel_size)),

@@ -385,7 +385,7 @@ def test_a_residual_voxel_adds_to_each_views_own_features(bottleneck):
 
 
 def test_error_residual_voxel_without_fusion():
-    with pytest.raises(ValueError, match=r"fusion_residual True must be true or false; true needs fusion=true"):
+    with pytest.raises(ValueError, match=r"fusion_residual True must be false when fusion=false \(there is no voxel"):
         IDIFConfig(image_size=SIZE, fusion=False, fusion_residual=True, weights="none")
 
 
