@@ -152,7 +152,7 @@ QUOTED = {
                      "zipper idif-ensemble 45 epochs: sample AUROC 99.8, 100.0, 98.7; last distill 0.81, 0.74, 0.75",
                      "zipper idif-ivc 45 epochs: sample AUROC 90.9, 93.9, 91.2; last distill 1.41, 1.42, 1.40",
                      "idif-ivc - idif-ensemble sample_auroc -7.5 (spreads 1.6 + 0.7) -> contradicted",
-                     "-3.2 (spreads 0.4 + 0.6) -> contradicted; by seed -2.4, -3.9",
+                     "-3.1 (spreads 0.4 + 0.7) -> contradicted; by seed -2.4, -3.9, -2.9",
                      "zipper idif-ivc-residual sample AUROC 97.6, 98.2, 96.2; last distill 1.18, 1.25, 1.23",
                      "idif-ivc-residual - idif-ivc sample_auroc +5.5 (spreads 1.0 + 2.0) -> supported",
                      "+2.4 (spreads 0.7 + 0.6) -> supported",
