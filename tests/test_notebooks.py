@@ -158,6 +158,7 @@ QUOTED = {
                      "+2.4 (spreads 0.7 + 0.6) -> supported",
                      "zipper_consistency idif-ivc-residual sample AUROC 56.7, 61.6, 61.7",
                      "zipper_consistency idif-ivc sample AUROC 65.6, 91.9, 69.9",
+                     "idif - idif-ivc sample_auroc -0.1 (spreads 0.5 + 0.4) -> undecided; by seed -0.7, -0.4, +0.9",
                      "zipper_consistency patchcore sample AUROC 55.8, 45.8, 58.0",
                      "zipper_consistency idif-ensemble sample AUROC 58.4, 62.7, 59.1",
                      "zipper_consistency idif sample AUROC 87.4, 90.7, 79.6",
